@@ -1,0 +1,262 @@
+"""confs.json: one config for every script, validated once on load.
+
+Each section is a typed dataclass. Loading checks every key (missing, unknown or of the
+wrong type) and names the key and the file in the error, so a typo never surfaces later
+as a confusing failure deep inside training or serving. Relative paths are resolved
+against the project root (the folder holding confs.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from idc.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "confs.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSettings:
+    dataset_dir: str
+    model_dir: str
+    model_name: str
+    classes: list[str]
+    patients_file: str | None
+    patients_file_splits: dict[str, str]
+    validation_fraction: float
+    test_fraction: float
+    samples_per_class: int | str
+    random_seed: int
+    weights: str
+    feature_layer: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    early_stopping_patience: int
+    class_weighting: bool
+    fine_tune_blocks: int
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+    InceptionThreshold: float
+    review_band: float
+
+    def check(self) -> None:
+        _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
+        _require(0.0 <= self.review_band < 0.5, "review_band", "must be in [0, 0.5)")
+        _require(75 <= self.image_size <= 1024, "image_size", "Inception V3 needs 75..1024 px")
+        _require(self.batch_size > 0, "batch_size", "must be positive")
+        _require(self.epochs > 0, "epochs", "must be positive")
+        _require(
+            0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
+            and self.validation_fraction + self.test_fraction < 1,
+            "validation_fraction/test_fraction", "must be fractions that sum to less than 1",
+        )
+        _require(
+            self.samples_per_class == "all"
+            or (isinstance(self.samples_per_class, int) and self.samples_per_class > 0),
+            "samples_per_class", 'must be a positive integer or "all"',
+        )
+        _require(self.classes == ["0", "1"], "classes", 'must be ["0", "1"] (0 = no IDC, 1 = IDC)')
+        bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
+        _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVINOSettings:
+    device: str
+    precision: str
+    calibration_samples: int
+
+    def check(self) -> None:
+        _require(self.precision in ("FP32", "FP16", "INT8"), "precision", "must be FP32, FP16 or INT8")
+        _require(self.calibration_samples > 0, "calibration_samples", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    threads: int
+    api_key: str | None
+    max_upload_bytes: int
+    max_image_side: int
+    archive_dir: str | None
+    archive_max_bytes: int
+    tls_cert: str | None
+    tls_key: str | None
+
+    def check(self) -> None:
+        _require(0 <= self.port < 65536, "port", "must be a TCP port number")
+        _require(self.threads > 0, "threads", "must be positive")
+        _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be positive")
+        _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key", "give both or neither")
+
+
+@dataclasses.dataclass(frozen=True)
+class MQTTSettings:
+    enabled: bool
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    keepalive: int
+    Location: str
+    Zone: str
+    Server: str
+    Alarm: str
+    queue_size: int
+
+    def check(self) -> None:
+        _require(0 < self.port < 65536, "port", "must be a TCP port number")
+        _require(self.queue_size > 0, "queue_size", "must be positive")
+        for key in ("Location", "Zone", "Server", "Alarm"):
+            value = getattr(self, key)
+            _require(value and not set(value) & set("/+#"), key, "must be a non-empty topic level without / + #")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlarmSettings:
+    red_led_pin: int
+    blue_led_pin: int
+    buzzer_pin: int
+    button_pin: int | None
+    buzzer_seconds: float
+    topics: list[str]
+    max_payload_bytes: int
+
+    def check(self) -> None:
+        _require(self.buzzer_seconds >= 0, "buzzer_seconds", "must not be negative")
+        _require(len(self.topics) > 0, "topics", "must list at least one topic filter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    ClassifierSettings: ClassifierSettings
+    OpenVINO: OpenVINOSettings
+    Server: ServerSettings
+    IoTJumpWay: MQTTSettings
+    Alarm: AlarmSettings
+    path: Path = dataclasses.field(compare=False, default=DEFAULT_CONFIG)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, path: str | Path) -> Path:
+        """An absolute path, with relative ones taken from the project root."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.resolve(self.ClassifierSettings.model_dir)
+
+    @property
+    def classifier(self) -> ClassifierSettings:
+        return self.ClassifierSettings
+
+    @property
+    def mqtt(self) -> MQTTSettings:
+        return self.IoTJumpWay
+
+
+class _KeyError(Exception):
+    """Internal: a bad key, before the section and file are known."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(key, why)
+        self.key, self.why = key, why
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise _KeyError(key, why)
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key_t, value_t = typing.get_args(annotation)
+        return isinstance(value, dict) and all(_type_ok(v, value_t) for v in value.values())
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build_section(cls, raw, section: str, path: Path):
+    where = f"in section {section!r} of {path}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {section!r} of {path} must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"missing key {missing[0]!r} {where}")
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} {where} (known keys: {', '.join(names)})")
+    for name in names:
+        if not _type_ok(raw[name], hints[name]):
+            raise ConfigError(
+                f"key {name!r} {where} must be {_type_name(hints[name])}, got {raw[name]!r}"
+            )
+    values = {n: (float(raw[n]) if hints[n] is float else raw[n]) for n in names}
+    settings = cls(**values)
+    try:
+        settings.check()
+    except _KeyError as err:
+        raise ConfigError(f"key {err.key!r} {where}: {err.why}") from None
+    return settings
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate confs.json (the project's own when `path` is None)."""
+    path = Path(path or DEFAULT_CONFIG).expanduser().resolve()
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object of sections")
+    sections = {}
+    for name, cls in typing.get_type_hints(Config).items():
+        if name == "path":
+            continue
+        if name not in raw:
+            raise ConfigError(f"missing section {name!r} in {path}")
+        sections[name] = _build_section(cls, raw[name], name, path)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} in {path}")
+    return Config(**sections, path=path)
+
+
+def with_overrides(config: Config, section: str, **changes) -> Config:
+    """A copy of `config` with some keys of one section replaced (used by --flags and tests)."""
+    updated = dataclasses.replace(getattr(config, section), **changes)
+    updated.check()
+    return dataclasses.replace(config, **{section: updated})
