@@ -1,0 +1,216 @@
+"""The IDC patch dataset: parse, split by PATIENT, balance, and sort into the training layout.
+
+Kaggle layout: <patient>/<class>/<patient>_idx5_x<X>_y<Y>_class<C>.png (a flat folder of such
+files works too). Patches of one patient are strongly correlated, so every split is by
+patient: a patch split (what the 2018 original did) leaks and inflates every figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from idc.errors import DatasetError, ImageError
+from idc.preprocessing import decode_image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+PATCH_NAME = re.compile(r"^(?P<patient>[^_/]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
+DATASET_HELP = (
+    "Get the public dataset 'Breast Histopathology Images' (IDC_regular_ps50_idx5, CC0) from "
+    "https://www.kaggle.com/datasets/paultimothymooney/breast-histopathology-images "
+    "(or http://andrewjanowczyk.com/use-case-6-invasive-ductal-carcinoma-idc-segmentation/), "
+    "unpack it, and set ClassifierSettings.dataset_dir in confs.json or pass --data DIR."
+)
+MANIFEST_FIELDS = ("split", "file", "source", "patient", "x", "y", "label")
+
+
+@dataclass(frozen=True)
+class Patch:
+    path: Path
+    patient: str
+    x: int
+    y: int
+    label: int  # 0 = no IDC, 1 = IDC
+
+
+def parse_patch_name(path: Path) -> Patch | None:
+    """A Patch from a Kaggle IDC file name, or None when the name is not one."""
+    match = PATCH_NAME.match(path.name)
+    if not match:
+        return None
+    return Patch(path, match["patient"], int(match["x"]), int(match["y"]), int(match["label"]))
+
+
+def scan_dataset(root: str | Path) -> list[Patch]:
+    """All IDC patches under `root` (Kaggle layout or flat), sorted for reproducibility."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist. {DATASET_HELP}")
+    patches = [p for p in map(parse_patch_name, sorted(root.rglob("*.png"))) if p is not None]
+    if not patches:
+        raise DatasetError(f"no IDC patches (<patient>_idx5_x<X>_y<Y>_class<C>.png) under {root}. {DATASET_HELP}")
+    return patches
+
+
+def read_patients_file(path: str | Path, split_names: dict[str, str]) -> dict[str, str]:
+    """patient -> split, from a CSV with columns patient_id and reference_split (or split).
+
+    `split_names` maps the file's split names to ours (e.g. {"val": "test"}).
+    """
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.open(newline="")))
+    except FileNotFoundError:
+        raise DatasetError(f"patients file {path} does not exist") from None
+    column = "reference_split" if rows and "reference_split" in rows[0] else "split"
+    if not rows or "patient_id" not in rows[0] or column not in rows[0]:
+        raise DatasetError(f"patients file {path} needs columns patient_id and reference_split (or split)")
+    unknown = {row[column] for row in rows} - set(split_names)
+    if unknown:
+        raise DatasetError(f"patients file {path} uses splits {sorted(unknown)} that patients_file_splits does not map")
+    return {row["patient_id"]: split_names[row[column]] for row in rows}
+
+
+def patient_split(patients: list[str], validation_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+    """Assign whole patients to train/validation/test with a seeded shuffle."""
+    order = sorted(set(patients))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(order) * validation_fraction)
+    n_test = round(len(order) * test_fraction)
+    assignment = {p: "test" for p in order[:n_test]}
+    assignment.update({p: "validation" for p in order[n_test:n_test + n_val]})
+    assignment.update({p: "train" for p in order[n_test + n_val:]})
+    return assignment
+
+
+def assign_splits(patches: list[Patch], *, validation_fraction: float, test_fraction: float, seed: int,
+                  patients_file: dict[str, str] | None = None) -> dict[str, list[Patch]]:
+    """Patches grouped by split. With a patients file, its 'train' patients are further split
+    into train and validation (by patient) so that early stopping never sees the test patients."""
+    patients = [p.patient for p in patches]
+    if patients_file is None:
+        assignment = patient_split(patients, validation_fraction, test_fraction, seed)
+    else:
+        assignment = {p: patients_file.get(p, "unlisted") for p in set(patients)}
+        train = [p for p, s in assignment.items() if s == "train"]
+        if validation_fraction and not any(s == "validation" for s in assignment.values()):
+            assignment.update(patient_split(train, validation_fraction, 0.0, seed))
+    groups: dict[str, list[Patch]] = {split: [] for split in SPLITS}
+    for patch in patches:
+        split = assignment[patch.patient]
+        if split in groups:
+            groups[split].append(patch)
+    return groups
+
+
+def balance(patches: list[Patch], per_class: int | str, seed: int) -> list[Patch]:
+    """At most `per_class` patches of each class, drawn at random ("all" keeps everything)."""
+    if per_class == "all":
+        return patches
+    rng = random.Random(seed)
+    kept = []
+    for label in (0, 1):
+        of_class = [p for p in patches if p.label == label]
+        if len(of_class) < per_class:
+            log.warning("only %d training patches of class %d (asked for %d)", len(of_class), label, per_class)
+        kept += sorted(rng.sample(of_class, min(per_class, len(of_class))), key=lambda p: str(p.path))
+    return kept
+
+
+@dataclass
+class SortReport:
+    counts: dict[str, Counter] = field(default_factory=dict)  # split -> label -> patches
+    patients: dict[str, int] = field(default_factory=dict)  # split -> patients
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    manifest: Path | None = None
+
+    def table(self) -> str:
+        lines = [f"{'split':<11}{'patients':>9}{'class 0':>9}{'class 1':>9}{'total':>8}"]
+        for split in SPLITS:
+            c = self.counts.get(split, Counter())
+            lines.append(f"{split:<11}{self.patients.get(split, 0):>9}{c[0]:>9}{c[1]:>9}{c[0] + c[1]:>8}")
+        lines.append(f"skipped (unreadable or corrupt): {len(self.skipped)}")
+        lines += [f"  {name}: {why}" for name, why in self.skipped[:20]]
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more (see the manifest folder's skipped.csv)")
+        return "\n".join(lines)
+
+
+def sort_dataset(dataset_dir: str | Path, out_dir: str | Path, *, validation_fraction: float,
+                 test_fraction: float, seed: int, samples_per_class: int | str = "all",
+                 patients_file: dict[str, str] | None = None) -> SortReport:
+    """Copy the dataset into out_dir/{train,validation,test}/{0,1}, write manifest.csv and the
+    example images test/positive.png and test/negative.png. Corrupt images are skipped and listed."""
+    out_dir = Path(out_dir)
+    groups = assign_splits(scan_dataset(dataset_dir), validation_fraction=validation_fraction,
+                           test_fraction=test_fraction, seed=seed, patients_file=patients_file)
+    groups["train"] = balance(groups["train"], samples_per_class, seed)
+    for split in SPLITS:  # a re-sort replaces the previous one, never mixes with it
+        shutil.rmtree(out_dir / split, ignore_errors=True)
+
+    report = SortReport()
+    rows = []
+    total = sum(len(g) for g in groups.values())
+    with tqdm(total=total, desc="sorting", unit="patch") as progress:
+        for split, patches in groups.items():
+            for patch in patches:
+                progress.update()
+                try:
+                    decode_image(patch.path)
+                except ImageError as err:
+                    report.skipped.append((str(patch.path), str(err)))
+                    continue
+                target = out_dir / split / str(patch.label) / patch.path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(patch.path, target)
+                rows.append((split, str(target.relative_to(out_dir)), str(patch.path), patch.patient,
+                             patch.x, patch.y, patch.label))
+    for split in SPLITS:
+        kept = [r for r in rows if r[0] == split]
+        report.counts[split] = Counter(r[6] for r in kept)
+        report.patients[split] = len({r[3] for r in kept})
+
+    report.manifest = out_dir / "manifest.csv"
+    with report.manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_FIELDS)
+        writer.writerows(rows)
+    with (out_dir / "skipped.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("file", "why"), *report.skipped])
+    _write_examples(rows, out_dir, seed)
+    return report
+
+
+def _write_examples(rows, out_dir: Path, seed: int) -> None:
+    """test/positive.png and test/negative.png: one patch of each class from TEST patients
+    (the 2018 original published a training image as its positive example)."""
+    test_rows = [r for r in rows if r[0] == "test"]
+    rng = random.Random(seed)
+    for label, name in ((1, "positive.png"), (0, "negative.png")):
+        candidates = [r for r in test_rows if r[6] == label]
+        if not candidates:
+            log.warning("no class-%d test patch: %s not written", label, name)
+            continue
+        shutil.copyfile(out_dir / rng.choice(candidates)[1], out_dir / "test" / name)
+
+
+def read_manifest(out_dir: str | Path, split: str | None = None) -> list[Patch]:
+    """The sorted patches (of one split, or all), as Patches pointing at the sorted copies."""
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.csv"
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist: run `python trainer.py sort` first")
+    with path.open(newline="") as f:
+        return [Patch(out_dir / row["file"], row["patient"], int(row["x"]), int(row["y"]), int(row["label"]))
+                for row in csv.DictReader(f) if split is None or row["split"] == split]

@@ -1,0 +1,417 @@
+"""MQTT wiring shared by the edge server, inception_test.py and the alarm (IoT JumpWay conventions).
+
+Topics are `{Location}/Devices/{Zone}/{Device}/{Channel}` with the channels Status, Warnings,
+Sensors and Commands. Status carries the plain strings "ONLINE" (published, retained, on every
+connect) and "OFFLINE" (the retained last will, and published on a clean shutdown); every other
+payload is a JSON object. Results go out with QoS 1.
+
+`DeviceConnection` is one device's session: credentials, TLS, last will, automatic reconnect with
+backoff in paho's background thread. A broker that is down at start is not an error: the
+connection keeps trying. `ResultPublisher` is what the server and inception_test.py use: a
+bounded queue and a worker thread, so publishing a result never blocks and never raises.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from idc.config import Config, MQTTSettings
+from idc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("Status", "Warnings", "Sensors", "Commands")
+ONLINE = "ONLINE"
+OFFLINE = "OFFLINE"
+QOS = 1
+DEFAULT_RECONNECT_DELAY = (1, 30)  # seconds: first retry, cap of the doubling backoff
+
+
+def device_topic(mqtt: MQTTSettings, device: str, channel: str) -> str:
+    """The topic of one channel of one device, e.g. IDC/Devices/Lab/EdgeServer/Sensors."""
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: use one of {', '.join(CHANNELS)}")
+    return f"{mqtt.Location}/Devices/{mqtt.Zone}/{device}/{channel}"
+
+
+def utc_timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _checked_result(results, confidence, needs_review) -> tuple[int, float, bool]:
+    # int()/float() also accept the numpy scalars the model returns, which json cannot encode.
+    results, confidence = int(results), float(confidence)
+    if results not in (0, 1):
+        raise ValueError(f"results must be 0 (no IDC) or 1 (IDC), got {results}")
+    if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0):
+        raise ValueError(f"confidence must be a probability in [0, 1], got {confidence}")
+    return results, confidence, bool(needs_review)
+
+
+def _result_fields(results: int, confidence: float, needs_review: bool, time: str | None) -> dict:
+    return {
+        "Results": results,
+        "Confidence": confidence,
+        "NeedsReview": needs_review,
+        "Time": time or utc_timestamp(),
+    }
+
+
+def sensors_payload(
+    sensor_id: str, results: int, confidence: float, needs_review: bool, time: str | None = None
+) -> dict:
+    """The Sensors payload sent for every result."""
+    results, confidence, needs_review = _checked_result(results, confidence, needs_review)
+    return {
+        "Sensor": "CCTV",
+        "SensorID": sensor_id,
+        "SensorValue": f"IDC: {results} (Confidence: {confidence:.4f})",
+        **_result_fields(results, confidence, needs_review, time),
+    }
+
+
+def warnings_payload(
+    warning_origin: str, results: int, confidence: float, needs_review: bool, time: str | None = None
+) -> dict:
+    """The Warnings payload sent when IDC is detected."""
+    results, confidence, needs_review = _checked_result(results, confidence, needs_review)
+    return {
+        "WarningType": "CCTV",
+        "WarningOrigin": warning_origin,
+        "WarningValue": "RECOGNISED",
+        "WarningMessage": "IDC Detected",
+        **_result_fields(results, confidence, needs_review, time),
+    }
+
+
+def result_messages(
+    mqtt: MQTTSettings, results: int, confidence: float, needs_review: bool, device: str | None = None
+) -> list[tuple[str, dict]]:
+    """(topic, payload) pairs for one result: Sensors always, Warnings too when IDC was detected."""
+    device = device or mqtt.Server
+    now = utc_timestamp()
+    messages = [(device_topic(mqtt, device, "Sensors"), sensors_payload(device, results, confidence, needs_review, now))]
+    if int(results) == 1:
+        messages.append(
+            (device_topic(mqtt, device, "Warnings"), warnings_payload(device, results, confidence, needs_review, now))
+        )
+    return messages
+
+
+def encode(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class DeviceConnection:
+    """One device's MQTT session: Status ONLINE on connect, retained last will OFFLINE, reconnects by itself.
+
+    `subscriptions` are topic filters (re)subscribed on every connect; `on_message(topic, payload)`
+    receives their messages; `on_connected()` runs after each successful connect (in paho's thread).
+    Callback errors are logged, never allowed to kill the network thread.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        device: str,
+        subscriptions: Iterable[str] = (),
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        on_published: Callable[[int], None] | None = None,
+        reconnect_delay: tuple[int, int] = DEFAULT_RECONNECT_DELAY,
+    ):
+        self.mqtt = config.mqtt
+        self.device = device
+        self.subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._on_published = on_published
+        self._connected = threading.Event()
+        self._status_mids: set[int] = set()  # our own Status messages, not reported to on_published
+        self._started = False
+        self._unreachable_logged = False
+        self.client = self._make_client(config, reconnect_delay)
+
+    def topic(self, channel: str) -> str:
+        return device_topic(self.mqtt, self.device, channel)
+
+    def _make_client(self, config: Config, reconnect_delay: tuple[int, int]) -> paho.Client:
+        mqtt = self.mqtt
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            # A unique id: two processes with the same id would keep kicking each other off the broker.
+            client_id=f"{mqtt.Location}-{mqtt.Zone}-{self.device}-{uuid.uuid4().hex[:8]}",
+        )
+        client.suppress_exceptions = True
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        if mqtt.username is not None:
+            client.username_pw_set(mqtt.username, mqtt.password)
+        if mqtt.tls_ca or mqtt.tls_cert:
+            files = {key: getattr(mqtt, key) and str(config.resolve(getattr(mqtt, key)))
+                     for key in ("tls_ca", "tls_cert", "tls_key")}
+            try:
+                client.tls_set(ca_certs=files["tls_ca"], certfile=files["tls_cert"], keyfile=files["tls_key"])
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"IoTJumpWay TLS files in {config.path} cannot be used ({err}): "
+                    "check tls_ca, tls_cert and tls_key"
+                ) from None
+        client.will_set(self.topic("Status"), OFFLINE, qos=QOS, retain=True)
+        client.reconnect_delay_set(*reconnect_delay)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        return client
+
+    @property
+    def broker(self) -> str:
+        return f"{self.mqtt.host}:{self.mqtt.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Connect in the background; never raises because the broker is down."""
+        if self._started:
+            return
+        self._started = True
+        log.info("MQTT: %s connecting to %s", self.device, self.broker)
+        self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=QOS, retain=retain)
+
+    def publish_json(self, channel: str, payload: dict, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self.publish(self.topic(channel), encode(payload), retain=retain)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Clean shutdown: Status OFFLINE (retained), disconnect, stop the network thread."""
+        if not self._started:
+            return
+        self._started = False
+        if self.connected:
+            info = self.publish(self.topic("Status"), OFFLINE, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as err:
+                log.warning("MQTT: %s could not publish OFFLINE: %s", self.device, err)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+        log.info("MQTT: %s disconnected from %s", self.device, self.broker)
+
+    # paho callbacks (VERSION2 signatures), run in paho's network thread.
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            hint = ""
+            if reason_code.value in (4, 5, 134, 135):  # bad credentials / not authorised (MQTT 3 and 5 codes)
+                hint = ": check IoTJumpWay username and password in confs.json"
+            log.error("MQTT: broker %s refused %s (%s)%s", self.broker, self.device, reason_code, hint)
+            return
+        self._unreachable_logged = False
+        log.info("MQTT: %s connected to %s", self.device, self.broker)
+        # Runs in the network thread, so this PUBACK cannot be handled before the id is recorded.
+        self._status_mids.add(client.publish(self.topic("Status"), ONLINE, qos=QOS, retain=True).mid)
+        for topic_filter in self.subscriptions:
+            client.subscribe(topic_filter, qos=QOS)
+        self._connected.set()
+        if self._on_connected:
+            try:
+                self._on_connected()
+            except Exception:
+                log.exception("MQTT: on_connected handler of %s failed", self.device)
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        # Logged once per outage; paho retries with backoff on its own.
+        level = logging.DEBUG if self._unreachable_logged else logging.WARNING
+        self._unreachable_logged = True
+        log.log(level, "MQTT: broker %s unreachable for %s; retrying in the background", self.broker, self.device)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and self._started:
+            log.warning("MQTT: %s lost the connection to %s (%s); reconnecting", self.device, self.broker, reason_code)
+
+    def _handle_message(self, client, userdata, message) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(message.topic, message.payload)
+        except Exception:
+            log.exception("MQTT: message handler of %s failed on topic %r", self.device, message.topic)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if mid in self._status_mids:
+            self._status_mids.discard(mid)
+        elif self._on_published:
+            self._on_published(mid)
+
+
+class ResultPublisher:
+    """Publishes classification results for the edge server and inception_test.py.
+
+    `publish_result()` only puts the messages on a bounded queue (size IoTJumpWay.queue_size); a
+    worker thread sends them with QoS 1 while the broker is reachable. When the queue is full the
+    message is dropped and counted. With IoTJumpWay.enabled false it does nothing.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        device: str | None = None,
+        reconnect_delay: tuple[int, int] = DEFAULT_RECONNECT_DELAY,
+    ):
+        self.mqtt = config.mqtt
+        self.enabled = config.mqtt.enabled
+        self.device = device or config.mqtt.Server
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=config.mqtt.queue_size)
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._published = 0
+        # QoS 1 messages sent but not yet acknowledged. paho can report the PUBACK before publish()
+        # has returned the message id, so ids acknowledged "early" are kept until claimed.
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
+        self.connection = DeviceConnection(
+            config, self.device, on_published=self._acknowledged, reconnect_delay=reconnect_delay
+        ) if self.enabled else None
+
+    def start(self) -> ResultPublisher:
+        if self.connection is None or self._worker is not None:
+            return self
+        self._stopping.clear()
+        self.connection.start()
+        self._worker = threading.Thread(target=self._run, name=f"mqtt-results-{self.device}", daemon=True)
+        self._worker.start()
+        return self
+
+    def __enter__(self) -> ResultPublisher:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def publish_result(self, results: int, confidence: float, needs_review: bool) -> bool:
+        """Queue one result (Sensors, plus Warnings on IDC). Never blocks, never raises.
+
+        Returns False when the result was not queued in full (disabled, invalid, or queue full).
+        """
+        if self.connection is None:
+            return False
+        try:
+            messages = result_messages(self.mqtt, results, confidence, needs_review, self.device)
+        except (TypeError, ValueError) as err:
+            log.error("MQTT: result not published, it is invalid: %s", err)
+            with self._lock:
+                self._dropped += 1
+            return False
+        queued_all = True
+        for topic, payload in messages:
+            try:
+                self._queue.put_nowait((topic, encode(payload)))
+            except queue.Full:
+                queued_all = False
+                with self._lock:
+                    self._dropped += 1
+                    dropped = self._dropped
+                # Log the first drop and then every 100th, not one line per message.
+                if dropped == 1 or dropped % 100 == 0:
+                    log.warning("MQTT: outgoing queue full (%d), %d message(s) dropped so far",
+                                self._queue.maxsize, dropped)
+        return queued_all
+
+    def status(self) -> dict:
+        """Counters for /api/health: connected, dropped, published (acknowledged), queued, in_flight."""
+        with self._lock:
+            return {
+                "enabled": self.enabled,
+                "connected": self.connection is not None and self.connection.connected,
+                "dropped": self._dropped,
+                "published": self._published,
+                "queued": self._queue.qsize(),
+                "in_flight": len(self._unacked),
+            }
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until every queued message is acknowledged; True if all were."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                # unfinished_tasks also counts the message the worker holds between get() and task_done().
+                if self._queue.unfinished_tasks == 0 and not self._unacked:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued (waiting at most `timeout` s while connected), then disconnect cleanly."""
+        if self._worker is None:
+            return
+        if self.connection.connected and not self.flush(timeout):
+            log.warning("MQTT: stopping with %s", self.status())
+        self._stopping.set()
+        self._worker.join(timeout=2.0)
+        self._worker = None
+        self.connection.stop()
+
+    def _acknowledged(self, mid: int) -> None:
+        with self._lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self._published += 1
+            else:
+                self._acked_early.add(mid)
+
+    def _sent(self, mid: int) -> None:
+        with self._lock:
+            if mid in self._acked_early:
+                self._acked_early.discard(mid)
+                self._published += 1
+            else:
+                self._unacked.add(mid)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                topic, payload = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                # Hand messages to paho only while connected, and only a bounded number unacknowledged:
+                # paho's own buffer is unbounded, the bounded queue is this one.
+                while not self._stopping.is_set() and not (
+                    self.connection.connected and len(self._unacked) < self._queue.maxsize
+                ):
+                    self.connection.wait_connected(0.2)
+                    if self.connection.connected:
+                        time.sleep(0.01)
+                if self._stopping.is_set():
+                    break
+                info = self.connection.publish(topic, payload)
+                self._sent(info.mid)
+            except Exception:
+                log.exception("MQTT: publishing to %s failed", topic)
+            finally:
+                self._queue.task_done()

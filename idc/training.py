@@ -1,0 +1,204 @@
+"""Retrain the final layer on cached bottlenecks, optionally fine-tune the top blocks, export.
+
+Outputs in model_dir: <model_name>.keras (trunk + head, image in -> [P(no IDC), P(IDC)]),
+classes.txt, training.json (what was trained on what), logs/ (TensorBoard), history.csv,
+checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from idc import bottleneck, data
+from idc.config import Config
+from idc.errors import DatasetError
+from idc.model import build_classifier, build_head, build_trunk, describe_weights
+from idc.preprocessing import decode_image, preprocess
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = {0: "no IDC", 1: "IDC"}
+
+
+def model_path(config: Config) -> Path:
+    return config.model_dir / f"{config.classifier.model_name}.keras"
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Inverse-frequency weights so that both classes count equally in the loss."""
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() == 0:
+        raise DatasetError(f"the training split needs patches of both classes, has {counts.tolist()}")
+    return {label: len(labels) / (2.0 * count) for label, count in enumerate(counts)}
+
+
+def _callbacks(config: Config, phase: str, monitor_val: bool):
+    import keras
+
+    out = config.model_dir
+    patience = config.classifier.early_stopping_patience
+    callbacks = [
+        keras.callbacks.TensorBoard(log_dir=str(out / "logs" / phase)),
+        keras.callbacks.CSVLogger(str(out / f"history_{phase}.csv")),
+        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / f"{phase}.keras"),
+                                        monitor="val_loss" if monitor_val else "loss", save_best_only=True),
+    ]
+    if monitor_val:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                                       restore_best_weights=True, verbose=1))
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return callbacks
+
+
+def train_head(config: Config, train_x, train_y, val_x=None, val_y=None):
+    """Fit the new softmax layer (with feature standardisation) on bottleneck features."""
+    import keras
+
+    settings = config.classifier
+    keras.utils.set_random_seed(settings.random_seed)
+    head = build_head(train_x.shape[1], train_x)
+    head.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    validation = (val_x, val_y) if val_x is not None and len(val_x) else None
+    history = head.fit(
+        train_x, train_y, validation_data=validation, epochs=settings.epochs,
+        batch_size=settings.batch_size, shuffle=True, verbose=2,
+        class_weight=class_weights(train_y) if settings.class_weighting else None,
+        callbacks=_callbacks(config, "head", validation is not None),
+    )
+    return head, history.history
+
+
+class AugmentedImages:
+    """Batches of preprocessed images with random flips and 90-degree rotations (fine-tuning)."""
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, batch_size: int, image_size: int,
+                 seed: int, augment: bool):
+        import keras
+
+        class _Sequence(keras.utils.PyDataset):
+            def __len__(inner):
+                return int(np.ceil(len(images) / batch_size))
+
+            def __getitem__(inner, index):
+                rows = order[index * batch_size:(index + 1) * batch_size]
+                batch = [images[i] for i in rows]
+                if augment:
+                    batch = [np.rot90(im[:, ::-1] if rng.random() < 0.5 else im, rng.integers(4)) for im in batch]
+                return preprocess(batch, image_size), labels[rows]
+
+            def on_epoch_end(inner):
+                if augment:
+                    rng.shuffle(order)
+
+        rng = np.random.default_rng(seed)
+        order = np.arange(len(images))
+        if augment:
+            rng.shuffle(order)
+        self.sequence = _Sequence()
+
+
+def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], validation: list[data.Patch]):
+    """Unfreeze the top `fine_tune_blocks` Inception blocks under the feature layer and train
+    the whole model end to end at a low learning rate, with augmentation."""
+    import keras
+
+    settings = config.classifier
+    inner = next((l for l in trunk.layers if isinstance(l, keras.Model)), None)
+    if inner is None:
+        log.warning("fine-tuning needs a keras.applications trunk; skipped")
+        return None
+    trunk.trainable = True
+    mixed = [l.name for l in inner.layers if l.name.startswith("mixed") and "_" not in l.name]
+    first = mixed[-settings.fine_tune_blocks - 1] if settings.fine_tune_blocks < len(mixed) else None
+    trainable = first is None
+    for layer in inner.layers:
+        # BatchNorm stays in inference mode: the batches are small and the statistics pretrained.
+        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.name == first:
+            trainable = True
+    labels = lambda ps: np.array([p.label for p in ps])  # noqa: E731
+    load = lambda ps: [decode_image(p.path) for p in ps]  # noqa: E731
+    train_data = AugmentedImages(load(train), labels(train), settings.batch_size, settings.image_size,
+                                 settings.random_seed, augment=True).sequence
+    val_data = AugmentedImages(load(validation), labels(validation), settings.batch_size,
+                               settings.image_size, settings.random_seed, augment=False).sequence
+    classifier.compile(optimizer=keras.optimizers.Adam(settings.fine_tune_learning_rate),
+                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = classifier.fit(
+        train_data, validation_data=val_data if validation else None, epochs=settings.fine_tune_epochs,
+        class_weight=class_weights(labels(train)) if settings.class_weighting else None,
+        callbacks=_callbacks(config, "fine_tune", bool(validation)), verbose=2)
+    trunk.trainable = False
+    return history.history
+
+
+def train(config: Config, trunk=None) -> dict:
+    """The whole `trainer.py train` step; returns the training record (also in training.json).
+
+    `trunk` replaces the configured Inception V3 (tests pass a tiny stand-in)."""
+    settings = config.classifier
+    out = config.model_dir
+    started = time.time()
+    splits = {split: data.read_manifest(out, split) for split in ("train", "validation")}
+    if not splits["train"]:
+        raise DatasetError(f"no training patches in {out / 'manifest.csv'}: run `python trainer.py sort` first")
+
+    weights_id = describe_weights(settings.weights) if trunk is None else f"custom:{trunk.name}"
+    if trunk is None:
+        trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layer)
+    key = bottleneck.trunk_key(weights_id, settings.feature_layer, settings.image_size)
+    cache = bottleneck.BottleneckCache(out / "bottlenecks", key, {
+        "weights": weights_id, "feature_layer": settings.feature_layer, "image_size": settings.image_size})
+    features, labels, cache_stats = {}, {}, {}
+    for split, patches in splits.items():
+        features[split] = cache.features([p.path for p in patches], trunk, settings.batch_size,
+                                         settings.image_size) if patches else np.zeros((0, 1), np.float32)
+        labels[split] = np.array([p.label for p in patches], dtype=np.int64)
+        cache_stats[split] = {"hits": cache.hits, "computed": cache.misses}
+    bottleneck_seconds = time.time() - started
+
+    head, history = train_head(config, features["train"], labels["train"],
+                               features["validation"], labels["validation"])
+    classifier = build_classifier(trunk, head)
+    fine_tune_history = None
+    if settings.fine_tune_blocks > 0:
+        fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    classifier.save(model_path(config))
+    (out / "classes.txt").write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
+    record = {
+        "model": str(model_path(config).relative_to(config.root)) if model_path(config).is_relative_to(config.root)
+        else str(model_path(config)),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 1),
+        "bottleneck_seconds": round(bottleneck_seconds, 1),
+        "settings": {k: v for k, v in vars(settings).items()},
+        "trunk": {"weights": weights_id, "key": key, "feature_dim": int(features["train"].shape[1])},
+        "bottleneck_cache": cache_stats,
+        "data": {split: {"patients": len({p.patient for p in ps}),
+                         "patches": dict(sorted(Counter(str(p.label) for p in ps).items()))}
+                 for split, ps in splits.items()},
+        "epochs_run": len(history["loss"]),
+        "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},
+        "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
+                                                    for k, vs in fine_tune_history.items()},
+        "versions": _versions(),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__}

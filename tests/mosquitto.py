@@ -1,0 +1,122 @@
+"""A real mosquitto broker for tests: own config in a temp folder, random port, start/stop/restart."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+
+
+def find_tool(name: str) -> str | None:
+    """Path of a mosquitto tool; Debian puts the broker in /usr/sbin, often not on a user's PATH."""
+    return shutil.which(name, path=_SEARCH_PATH)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """One broker process on 127.0.0.1. `users` turns on a password file and refuses anonymous clients;
+    `tls` is (ca, cert, key) paths for a TLS listener; `persistence` keeps sessions across restarts."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+        persistence: bool = False,
+    ):
+        self.binary = find_tool("mosquitto")
+        if self.binary is None:
+            raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "mosquitto.log"
+        self.config_path = self.workdir / "mosquitto.conf"
+        self._process: subprocess.Popen | None = None
+        self._write_config(users, tls, persistence)
+
+    def _write_config(self, users, tls, persistence) -> None:
+        lines = [
+            f"listener {self.port} {self.host}",
+            # As root, mosquitto would switch to user "mosquitto" and could not read the temp folder.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "log_dest stderr",
+            "log_type error warning notice information",
+            "connection_messages true",
+        ]
+        if users:
+            password_file = self.workdir / "passwords"
+            password_file.touch(mode=0o600)
+            for name, password in users.items():
+                subprocess.run(
+                    [find_tool("mosquitto_passwd"), "-b", str(password_file), name, password],
+                    check=True, capture_output=True, timeout=10,
+                )
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        if tls:
+            ca, cert, key = tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {self.workdir}/"]
+        else:
+            lines.append("persistence false")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the broker and wait (bounded) until it accepts TCP connections."""
+        if self.running:
+            return
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self._process.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL if it hangs); its clients see the connection drop."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=timeout)
+        self._process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,117 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idc import data
+from idc.errors import DatasetError, ImageError
+from idc.preprocessing import decode_image, preprocess
+from tests.synthetic import make_dataset
+
+
+def test_parse_patch_name():
+    patch = data.parse_patch_name(Path("a/10253/1/10253_idx5_x1001_y751_class1.png"))
+    assert (patch.patient, patch.x, patch.y, patch.label) == ("10253", 1001, 751, 1)
+    assert data.parse_patch_name(Path("10253_idx5_x1_y2_class2.png")) is None
+    assert data.parse_patch_name(Path("notes.png")) is None
+
+
+def test_scan_missing_folder_explains_where_to_get_data(tmp_path):
+    with pytest.raises(DatasetError, match="Breast Histopathology Images"):
+        data.scan_dataset(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no IDC patches"):
+        data.scan_dataset(tmp_path / "empty")
+
+
+def test_patient_split_is_seeded_and_disjoint():
+    patients = [str(i) for i in range(100)]
+    a = data.patient_split(patients, 0.2, 0.1, seed=1)
+    assert a == data.patient_split(patients, 0.2, 0.1, seed=1)
+    assert a != data.patient_split(patients, 0.2, 0.1, seed=2)
+    counts = {s: sum(v == s for v in a.values()) for s in data.SPLITS}
+    assert counts == {"train": 70, "validation": 20, "test": 10}
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_sort_never_leaks_a_patient(tmp_path, flat):
+    make_dataset(tmp_path / "raw", patients=12, per_class=5, flat=flat)
+    report = data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.25,
+                               test_fraction=0.25, seed=3)
+    by_split = {s: {p.patient for p in data.read_manifest(tmp_path / "model", s)} for s in data.SPLITS}
+    assert all(by_split.values())
+    assert not (by_split["train"] & by_split["validation"]) and not (by_split["train"] & by_split["test"])
+    assert not (by_split["validation"] & by_split["test"])
+    assert sum(report.patients.values()) == 12
+    assert sum(c[0] + c[1] for c in report.counts.values()) == 12 * 10
+    # the training layout: class folders named by integers, files copied
+    assert len(list((tmp_path / "model" / "train" / "1").glob("*.png"))) == report.counts["train"][1]
+    # the example images come from TEST patients and have the right class
+    for name, label in (("positive.png", 1), ("negative.png", 0)):
+        example = tmp_path / "model" / "test" / name
+        twins = [p for p in data.read_manifest(tmp_path / "model", "test")
+                 if p.path.read_bytes() == example.read_bytes()]
+        assert twins and twins[0].label == label
+
+
+def test_corrupt_images_are_skipped_counted_and_listed(tmp_path):
+    raw = make_dataset(tmp_path / "raw", patients=4, per_class=3)
+    bad = raw / "9000" / "1" / "9000_idx5_x999_y999_class1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    empty = raw / "9001" / "0" / "9001_idx5_x998_y998_class0.png"
+    empty.write_bytes(b"")
+    report = data.sort_dataset(raw, tmp_path / "model", validation_fraction=0.25, test_fraction=0.25, seed=0)
+    assert sorted(name for name, _ in report.skipped) == sorted([str(bad), str(empty)])
+    assert sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6
+    rows = list(csv.reader((tmp_path / "model" / "skipped.csv").open()))
+    assert len(rows) == 3 and "skipped (unreadable or corrupt): 2" in report.table()
+
+
+def test_balance_to_count_per_class(tmp_path):
+    make_dataset(tmp_path / "raw", patients=10, per_class=6)
+    report = data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.2,
+                               test_fraction=0.2, seed=0, samples_per_class=10)
+    assert report.counts["train"][0] == 10 and report.counts["train"][1] == 10
+    assert report.counts["test"][0] == 12  # held-out splits are never balanced
+
+
+def test_patients_file_maps_reference_splits(tmp_path):
+    make_dataset(tmp_path / "raw", patients=10, per_class=2)
+    listing = tmp_path / "patients.csv"
+    rows = ["patient_id,reference_split"] + [f"{9000 + i},{'val' if i < 3 else 'train' if i < 8 else 'extra'}"
+                                              for i in range(10)]
+    listing.write_text("\n".join(rows) + "\n")
+    patients = data.read_patients_file(listing, {"train": "train", "extra": "train", "val": "test"})
+    data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.2, test_fraction=0.0,
+                      seed=0, patients_file=patients)
+    test = {p.patient for p in data.read_manifest(tmp_path / "model", "test")}
+    validation = {p.patient for p in data.read_manifest(tmp_path / "model", "validation")}
+    assert test == {"9000", "9001", "9002"}
+    assert len(validation) == 1 and not validation & test  # carved from train patients only
+    with pytest.raises(DatasetError, match="does not map"):
+        data.read_patients_file(listing, {"train": "train"})
+
+
+def test_preprocess_pads_short_patches_and_scales():
+    image = np.zeros((32, 50, 3), np.uint8)
+    batch = preprocess(image, 75)
+    assert batch.shape == (1, 75, 75, 3) and batch.dtype == np.float32
+    assert batch.min() == -1.0 and batch.max() == 1.0  # black patch, white padding
+    assert np.all(batch[0, -1] == 1.0)  # the padded bottom rows are white
+
+
+def test_decode_rejects_non_images(tmp_path):
+    for payload in (b"", b"hello", b"\x89PNG\r\n\x1a\n\x00\x00"):
+        with pytest.raises(ImageError):
+            decode_image(payload)
+    from PIL import Image
+    import io
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(gif, format="GIF")
+    with pytest.raises(ImageError, match="unsupported image format GIF"):
+        decode_image(gif.getvalue())
+    big = io.BytesIO()
+    Image.new("RGB", (300, 10)).save(big, format="PNG")
+    with pytest.raises(ImageError, match="limit is 100 px"):
+        decode_image(big.getvalue(), max_side=100)
