@@ -41,6 +41,8 @@ def main(argv=None) -> int:
         log.error("%s", err)
         return 2
     mock = args.mock or os.environ.get("GPIOZERO_PIN_FACTORY", "").lower() == "mock"
+    if mock:
+        log.info("GPIO pins simulated (gpiozero mock pin factory); every pin change is logged")
     try:
         alarm = Alarm(config, pin_factory=mock_pin_factory() if mock else None)
     except BadPinFactory as err:

@@ -244,7 +244,8 @@ class DeviceConnection:
         # Logged once per outage; paho retries with backoff on its own.
         level = logging.DEBUG if self._unreachable_logged else logging.WARNING
         self._unreachable_logged = True
-        log.log(level, "MQTT: broker %s unreachable for %s; retrying in the background", self.broker, self.device)
+        log.log(level, "MQTT: %s cannot reach broker %s (down, wrong address or TLS failure); "
+                "retrying in the background", self.device, self.broker)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()

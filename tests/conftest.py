@@ -20,3 +20,76 @@ def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test needs the shared real data/weights beside the project")
     return path
+
+
+# --- MQTT: a real mosquitto broker (tests/mosquitto.py), test configs, gpiozero mock pins ---
+
+def _started_broker(workdir: Path, **options):
+    from tests.mosquitto import Mosquitto, find_tool
+
+    for tool in ("mosquitto", "mosquitto_passwd") if options.get("users") else ("mosquitto",):
+        if find_tool(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian: apt-get install mosquitto): MQTT tests need a real broker")
+    broker = Mosquitto(workdir, **options)
+    broker.start()
+    return broker
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real anonymous mosquitto on 127.0.0.1 at a free port; .stop()/.start()/.restart() it at will."""
+    broker = _started_broker(tmp_path / "mosquitto")
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mosquitto_persistent(tmp_path):
+    """Like `mosquitto`, but sessions and queued QoS 1 messages survive a restart."""
+    broker = _started_broker(tmp_path / "mosquitto", persistence=True)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mosquitto_auth(tmp_path):
+    """A real mosquitto with a password file (tests.mosquitto.TEST_USERS) that refuses anonymous clients."""
+    from tests.mosquitto import TEST_USERS
+
+    broker = _started_broker(tmp_path / "mosquitto-auth", users=TEST_USERS)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config(broker=None, **sections) -> Config: the project's confs.json, pointed at `broker`
+    (MQTT enabled) and with the given keys of each section changed, written to tmp_path and loaded."""
+    import json
+
+    from idc.config import load_config
+
+    def make(broker=None, name: str = "confs.json", **sections):
+        raw = json.loads((ROOT / "confs.json").read_text())
+        if broker is not None:
+            raw["IoTJumpWay"].update(host=broker.host, port=broker.port, enabled=True)
+        for section, changes in sections.items():
+            raw[section].update(changes)
+        path = tmp_path / name
+        path.write_text(json.dumps(raw, indent=2))
+        return load_config(path)
+
+    return make
+
+
+@pytest.fixture
+def mock_pins():
+    """gpiozero's MockFactory as the default pin factory for one test, reset afterwards."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    previous = Device.pin_factory
+    Device.pin_factory = factory = MockFactory()
+    yield factory
+    factory.reset()
+    Device.pin_factory = previous

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+TEST_USERS = {"edge": "edge-secret", "alarm": "alarm-secret"}  # name -> password for the auth broker
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 
 
@@ -120,3 +121,56 @@ class Mosquitto:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class Probe:
+    """A plain paho client for tests: records every message on `topics`, publishes raw payloads."""
+
+    def __init__(self, broker: Mosquitto, topics=("#",), username=None, password=None,
+                 client_id: str = "", clean_session: bool = True, reconnect: bool = False):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.topics = list(topics)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload, bool(m.retain)))
+        self.client.on_connect = self._subscribe
+        self.client.reconnect_delay_set(1, 1)
+        self._subscribed = 0
+        self.client.connect(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+        if not reconnect:
+            assert wait_until(lambda: self._subscribed >= len(self.topics), 5), "probe could not subscribe"
+
+    def _subscribe(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            return
+        client.on_subscribe = lambda *args: setattr(self, "_subscribed", self._subscribed + 1)
+        for topic in self.topics:
+            client.subscribe(topic, qos=1)
+
+    def received(self, topic: str) -> list[bytes]:
+        return [payload for t, payload, _ in list(self.messages) if t == topic]
+
+    def wait_for(self, topic: str, payload: bytes | None = None, timeout: float = 3.0) -> bool:
+        return wait_until(lambda: any(payload is None or p == payload for p in self.received(topic)), timeout)
+
+    def publish(self, topic: str, payload: bytes | str, timeout: float = 3.0) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,104 @@
+"""Train -> export -> reload -> evaluate, end to end on synthetic patches with a tiny trunk."""
+
+import json
+
+import numpy as np
+import pytest
+
+from idc import bottleneck, data
+from idc.config import load_config, with_overrides
+from idc.evaluation import evaluate
+from idc.training import class_weights, model_path, train
+from tests.synthetic import make_dataset, patch_image, tiny_trunk, write_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    make_dataset(tmp / "raw", patients=10, per_class=8)
+    config = load_config(write_config(tmp, dataset_dir=str(tmp / "raw")))
+    data.sort_dataset(tmp / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=1)
+    record = train(config, trunk=tiny_trunk())
+    return config, record
+
+
+def test_training_exports_model_classes_and_record(trained):
+    config, record = trained
+    assert model_path(config).exists()
+    assert (config.model_dir / "classes.txt").read_text() == "0 no IDC\n1 IDC\n"
+    saved = json.loads((config.model_dir / "training.json").read_text())
+    assert saved["data"]["train"]["patients"] == 6 and saved["data"]["validation"]["patients"] == 2
+    assert saved["bottleneck_cache"]["train"]["computed"] == 6 * 16
+    assert any((config.model_dir / "logs" / "head").rglob("events.out.tfevents.*"))
+    assert (config.model_dir / "history_head.csv").exists()
+
+
+def test_exported_model_beats_chance_on_held_out_patients(trained, capsys):
+    config, _ = trained
+    result = evaluate(config, split="test")
+    out = capsys.readouterr().out
+    assert "Final Streaming Accuracy:" in out and "Global Step 2: Streaming Accuracy:" in out
+    assert result["patients"] == 2 and result["patches"] == 32
+    assert result["balanced_accuracy"] >= 0.9  # separable classes: chance is 0.5
+    report = config.model_dir / "reports" / "test"
+    for name in ("metrics.json", "predictions.csv", "false_negatives.csv", "false_positives.csv",
+                 "per_patient.csv", "confusion_matrix.png", "roc_curve.png", "precision_recall.png",
+                 "training_curves.png", "patient_heatmaps.png"):
+        assert (report / name).stat().st_size > 0, name
+    assert len((report / "predictions.csv").read_text().splitlines()) == 33
+
+
+def test_evaluate_any_folder_skips_corrupt_files(trained, tmp_path):
+    config, _ = trained
+    raw = make_dataset(tmp_path / "other", patients=2, per_class=3, seed=7)
+    (raw / "9000" / "1" / "9000_idx5_x7_y7_class1.png").write_bytes(b"not a png")
+    result = evaluate(config, data_dir=raw, report_dir=tmp_path / "report", echo=lambda *_: None)
+    assert result["skipped"] == 1 and result["patches"] == 12
+
+
+def test_second_run_reuses_the_bottleneck_cache(trained):
+    config, _ = trained
+    again = train(config, trunk=tiny_trunk())
+    assert again["bottleneck_cache"]["train"] == {"hits": 96, "computed": 0}
+
+
+def test_cache_invalidated_by_changed_image_and_size(tmp_path):
+    trunk = tiny_trunk()
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        patch_image(i % 2, np.random.default_rng(i)).save(paths[-1])
+    key = bottleneck.trunk_key("custom:tiny", "mixed1", 75)
+    cache = bottleneck.BottleneckCache(tmp_path / "cache", key)
+    first = cache.features(paths, trunk, 2, 75)
+    assert (cache.hits, cache.misses) == (0, 3)
+    reloaded = bottleneck.BottleneckCache(tmp_path / "cache", key)
+    np.testing.assert_allclose(reloaded.features(paths, trunk, 2, 75), first)
+    assert (reloaded.hits, reloaded.misses) == (3, 0)
+    patch_image(1, np.random.default_rng(99)).save(paths[0])  # the image changed on disk
+    reloaded.features(paths, trunk, 2, 75)
+    assert (reloaded.hits, reloaded.misses) == (2, 1)
+    assert bottleneck.trunk_key("custom:tiny", "mixed1", 99) != key
+    assert bottleneck.trunk_key("custom:tiny", "mixed2", 75) != key
+
+
+def test_fine_tune_phase_runs_and_exports(tmp_path):
+    make_dataset(tmp_path / "raw", patients=5, per_class=4)
+    config = load_config(write_config(tmp_path, epochs=3, fine_tune_blocks=1, fine_tune_epochs=1))
+    data.sort_dataset(tmp_path / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    record = train(config, trunk=tiny_trunk())
+    assert len(record["fine_tune_history"]["loss"]) == 1
+    assert (config.model_dir / "history_fine_tune.csv").exists() and model_path(config).exists()
+
+
+def test_class_weights_balance_the_loss():
+    weights = class_weights(np.array([0, 0, 0, 1]))
+    assert weights[1] == 3 * weights[0]
+    with pytest.raises(Exception, match="both classes"):
+        class_weights(np.array([0, 0]))
+
+
+def test_train_without_sorting_says_what_to_do(tmp_path):
+    config = with_overrides(load_config(write_config(tmp_path)), "ClassifierSettings", model_dir=str(tmp_path / "none"))
+    with pytest.raises(Exception, match="trainer.py sort"):
+        train(config, trunk=tiny_trunk())
