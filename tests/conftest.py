@@ -93,3 +93,19 @@ def mock_pins():
     yield factory
     factory.reset()
     Device.pin_factory = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A project with a sorted synthetic dataset and a trained tiny model (trunk stand-in)."""
+    from idc import data
+    from idc.config import load_config
+    from idc.training import train
+    from tests.synthetic import make_dataset, tiny_trunk, write_config
+
+    tmp = tmp_path_factory.mktemp("project")
+    make_dataset(tmp / "raw", patients=10, per_class=8)
+    config = load_config(write_config(tmp, dataset_dir=str(tmp / "raw")))
+    data.sort_dataset(tmp / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=1)
+    record = train(config, trunk=tiny_trunk())
+    return config, record

@@ -13,13 +13,8 @@ from tests.synthetic import make_dataset, patch_image, tiny_trunk, write_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    make_dataset(tmp / "raw", patients=10, per_class=8)
-    config = load_config(write_config(tmp, dataset_dir=str(tmp / "raw")))
-    data.sort_dataset(tmp / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=1)
-    record = train(config, trunk=tiny_trunk())
-    return config, record
+def trained(tiny_project):
+    return tiny_project
 
 
 def test_training_exports_model_classes_and_record(trained):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Compile the trained model for the edge with OpenVINO (the successor of the NCSDK's
+# mvNCCompile), check it against TensorFlow, then classify model/test/ with it.
+set -euo pipefail
+
+usage() {
+  cat <<'HELP'
+Usage: ./compile_ncs.sh [--precision FP16|FP32|INT8|all] [--device DEVICE] [--config confs.json]
+
+Converts model/<model_name>.keras to OpenVINO IR in model/ir/<PRECISION>/ (FP16 by default,
+the Movidius stick's precision; INT8 is NNCF post-training quantization calibrated on real
+training patches), prints the agreement with TensorFlow on validation patches (INT8 must keep
+balanced accuracy within 0.01, or this fails), then runs inception_test.py on model/test/.
+
+  --precision P   FP16 (default: OpenVINO.precision in confs.json), FP32, INT8, or all
+  --device D      OpenVINO device: CPU, GPU, NPU, AUTO (default: OpenVINO.device)
+  --config PATH   config file (default: confs.json beside this script)
+  -h, --help      this help
+HELP
+}
+
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+config=confs.json
+precision=""
+device=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --precision) precision=$2; shift 2 ;;
+    --device) device=(--device "$2"); shift 2 ;;
+    --config) config=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+case "$precision" in
+  "") precisions=() ;;
+  all) precisions=(--precision FP32 FP16 INT8) ;;
+  FP32|FP16|INT8) precisions=(--precision "$precision") ;;
+  *) echo "unknown precision: $precision (FP32, FP16, INT8 or all)" >&2; exit 2 ;;
+esac
+
+"$PYTHON" -m idc.edge_compile --config "$config" "${precisions[@]}" "${device[@]}"
+test_precision=()
+[ -n "$precision" ] && [ "$precision" != all ] && test_precision=(--precision "$precision")
+"$PYTHON" inception_test.py --config "$config" "${test_precision[@]}" "${device[@]}"

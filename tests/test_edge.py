@@ -1,0 +1,139 @@
+"""OpenVINO compilation (FP16, INT8), parity with TensorFlow, the engine, inception_test.py."""
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from idc import data
+from idc.config import with_overrides
+from idc.edge_compile import check_parity, compile_ir
+from idc.errors import ImageError
+from idc.evaluation import load_keras_model
+from idc.inference import DeviceError, KerasClassifier, OpenVINOClassifier, ir_path, load_classifier
+from idc.preprocessing import load_batch
+from idc.training import model_path
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_project):
+    config, _ = tiny_project
+    paths = compile_ir(config, ["FP16", "INT8"])
+    return config, paths
+
+
+def test_ir_files_written(compiled):
+    config, paths = compiled
+    for precision in ("FP16", "INT8"):
+        xml = paths[precision]
+        assert xml == ir_path(config, precision)
+        assert xml.stat().st_size > 0 and xml.with_suffix(".bin").stat().st_size > 0
+        assert (xml.parent / "model.json").exists()
+    assert "FakeQuantize" in paths["INT8"].read_text() and "FakeQuantize" not in paths["FP16"].read_text()
+
+
+def test_parity_with_tensorflow(compiled):
+    config, _ = compiled
+    report = check_parity(config, ["FP16", "INT8"], echo=lambda *_: None)
+    assert report["FP16"]["max_abs_diff"] < 0.01 and report["FP16"]["agreement"] == 1.0
+    assert report["INT8"]["agreement"] >= 0.95
+    assert (config.model_dir / "ir" / "parity.json").exists()
+
+
+def test_engine_matches_keras_on_test_patches(compiled):
+    config, _ = compiled
+    settings = config.classifier
+    engine = OpenVINOClassifier(ir_path(config, "FP16"), "CPU", settings.InceptionThreshold, settings.review_band)
+    keras_engine = KerasClassifier(model_path(config), settings.InceptionThreshold, settings.review_band)
+    for patch in data.read_manifest(config.model_dir, "test")[:6]:
+        ov_result, tf_result = engine.classify(patch.path), keras_engine.classify(patch.path.read_bytes())
+        assert ov_result.label == tf_result.label == patch.label
+        assert abs(ov_result.p_idc - tf_result.p_idc) < 0.01
+    # the same preprocessing as training: equal to the Keras model on load_batch()
+    paths = [p.path for p in data.read_manifest(config.model_dir, "test")[:4]]
+    reference = np.asarray(load_keras_model(model_path(config))(load_batch(paths, engine.image_size)))[:, 1]
+    np.testing.assert_allclose(engine._infer(load_batch(paths, engine.image_size)), reference, atol=0.01)
+
+
+def test_engine_is_thread_safe(compiled):
+    config, _ = compiled
+    engine = load_classifier(config, "INT8")
+    patches = data.read_manifest(config.model_dir, "test")
+    expected = {p.path: engine.classify(p.path).p_idc for p in patches}
+    errors = []
+
+    def worker():
+        for patch in patches:
+            if abs(engine.classify(patch.path).p_idc - expected[patch.path]) > 1e-6:
+                errors.append(patch.path)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_review_flag_near_threshold(compiled):
+    config, _ = compiled
+    engine = load_classifier(config, "FP16")
+    for p, review in ((0.54, True), (0.60, True), (0.90, False), (0.05, False)):
+        engine._infer = lambda batch, p=p: np.array([p], np.float32)
+        result = engine.classify(config.model_dir / "test" / "positive.png")
+        assert result.needs_review is review and result.label == int(p >= 0.54)
+
+
+def test_bad_images_raise_image_error(compiled):
+    config, _ = compiled
+    engine = load_classifier(config, "FP16")
+    for payload in (b"", b"\x89PNG\r\n\x1a\ntruncated", b"GIF89a" + bytes(20)):
+        with pytest.raises(ImageError):
+            engine.classify(payload)
+
+
+def test_missing_device_is_explained(compiled):
+    config, _ = compiled
+    with pytest.raises(DeviceError, match="MYRIAD.*2022.3.*this machine has: .*CPU"):
+        load_classifier(with_overrides(config, "OpenVINO", device="MYRIAD"), "FP16")
+
+
+def test_fallback_to_keras_without_ir(tiny_project, tmp_path, caplog):
+    config, _ = tiny_project
+    engine = load_classifier(config, "FP32")  # never compiled
+    assert engine.backend == "keras" and "falling back to the Keras model" in caplog.text
+
+
+def run_inception_test(config, *args):
+    return subprocess.run([sys.executable, str(ROOT / "inception_test.py"), "--config", str(config.path), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_inception_test_script(compiled):
+    config, _ = compiled
+    done = run_inception_test(config, "--precision", "INT8")
+    assert done.returncode == 0, done.stderr
+    assert "Loaded Test Image" in done.stdout and "positive.png" in done.stdout
+    assert "TASS Identified IDC with a confidence of" in done.stdout
+    assert "TASS Identified no IDC with a confidence of" in done.stdout
+    assert "Tested 2 images" in done.stdout and "unreadable: 0" in done.stdout
+
+
+def test_inception_test_fails_on_a_corrupt_image(compiled, tmp_path):
+    config, _ = compiled
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    done = run_inception_test(config, "--precision", "FP16", str(config.model_dir / "test" / "positive.png"), str(bad))
+    assert done.returncode == 1
+    assert "Could not read" in done.stdout and "unreadable: 1" in done.stdout and "IDC: 1" in done.stdout
+
+
+def test_compile_script_help():
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "--precision" in done.stdout
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--precision", "FP8"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "unknown precision" in done.stderr
