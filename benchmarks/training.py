@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Time and memory of the whole training job (sort + bottlenecks + head), and the accuracy it
+reaches on held-out patients, at several input sizes.
+
+Each size runs `trainer.py all` from scratch in its own model folder (cold bottleneck cache),
+as a child process, so the wall time and the peak resident memory are the job's own.
+
+  python benchmarks/training.py --data ../shared/data/idc-patches \
+      --patients-file ../shared/data/idc-patches-patients.csv \
+      --weights ../shared/weights/inception_v3_notop.weights.h5 --sizes 299 150 75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_size(size: int, args, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "trainer.py"), "all", "--config", args.config, "--image-size", str(size),
+           "--model-dir", str(out)]
+    for flag in ("data", "patients_file", "weights", "feature_layer"):
+        if getattr(args, flag):
+            cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "benchmark.log"
+    started = time.perf_counter()
+    with log.open("w") as output:
+        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage: its peak resident memory.
+        _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"size {size} failed; see {log}:\n{log.read_text()[-3000:]}")
+    record = json.loads((out / "training.json").read_text())
+    metrics = json.loads((out / "reports" / "test" / "metrics.json").read_text())
+    return {"size": size, "seconds": seconds, "bottleneck_seconds": record["bottleneck_seconds"],
+            "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "train_patches": sum(record["data"]["train"]["patches"].values()),
+            "balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
+            "roc_auc": metrics["roc_auc"], "test_patches": metrics["patches"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "confs.json"))
+    p.add_argument("--data")
+    p.add_argument("--patients-file")
+    p.add_argument("--weights")
+    p.add_argument("--feature-layer")
+    p.add_argument("--sizes", type=int, nargs="+", default=[299, 150, 75])
+    p.add_argument("--work-dir", help="keep each size's model folder here (default: a temp folder)")
+    args = p.parse_args()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="idc-bench-"))
+    print(f"machine: {os.cpu_count()} cores; model folders under {work}")
+    rows = []
+    for size in sorted(args.sizes, reverse=True):
+        row = run_size(size, args, work / f"size{size}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'size':>5} {'total s':>8} {'bottleneck s':>13} {'peak GiB':>9} {'train':>6} "
+          f"{'test':>6} {'bal.acc':>8} {'F1 IDC':>7} {'AUC':>6}")
+    for r in rows:
+        print(f"{r['size']:>5} {r['seconds']:>8.0f} {r['bottleneck_seconds']:>13.0f} {r['peak_rss_gib']:>9.2f} "
+              f"{r['train_patches']:>6} {r['test_patches']:>6} {r['balanced_accuracy']:>8.4f} "
+              f"{r['f1_idc']:>7.4f} {r['roc_auc']:>6.4f}")
+
+
+if __name__ == "__main__":
+    main()
