@@ -2,8 +2,13 @@
 """The Raspberry Pi alarm: subscribes to the edge servers' results over MQTT and drives a red LED,
 a blue LED and a buzzer through gpiozero (pins and topics from confs.json, section Alarm).
 
-Without a Pi, run it with --mock (or GPIOZERO_PIN_FACTORY=mock): pins are simulated and every
-pin change is logged. Stops cleanly (Status OFFLINE) on Ctrl-C or SIGTERM.
+  python iot_alarm.py               # on a Raspberry Pi
+  python iot_alarm.py --mock        # anywhere: simulated pins, every pin change logged
+                                    # (GPIOZERO_PIN_FACTORY=mock does the same)
+
+IDC: red LED + buzzer for Alarm.buzzer_seconds; no IDC: blue LED; needs review: red LED blinking.
+{"Command": "ACK"} on the alarm's Commands topic (or the optional button) silences the buzzer.
+Stops cleanly (Status OFFLINE) on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,34 +17,24 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 
-from gpiozero.exc import BadPinFactory
-
-from idc.alarm import Alarm, mock_pin_factory
-from idc.config import load_config
-from idc.errors import ConfigError
+from idc import cli
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="path of confs.json (default: the project's own)")
-    parser.add_argument("--mock", action="store_true", help="simulate the GPIO pins and log every change")
-    parser.add_argument("--verbose", action="store_true", help="log MQTT details too")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main() -> int:
+    p = cli.parser(__doc__.strip().splitlines()[0])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("--mock", action="store_true", help="simulate the GPIO pins and log every change")
+    args = p.parse_args()
+    config = cli.setup(args)
     log = logging.getLogger("iot_alarm")
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 2
+
+    from gpiozero.exc import BadPinFactory
+
+    from idc.alarm import Alarm, mock_pin_factory
+
     mock = args.mock or os.environ.get("GPIOZERO_PIN_FACTORY", "").lower() == "mock"
     if mock:
         log.info("GPIO pins simulated (gpiozero mock pin factory); every pin change is logged")
@@ -63,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

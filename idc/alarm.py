@@ -133,6 +133,14 @@ class Alarm:
         self.commands_topic = device_topic(mqtt, self.device, "Commands")
         self.state_topic = device_topic(mqtt, self.device, "Sensors")
         self._own_prefix = device_topic(mqtt, self.device, "Status").rsplit("/", 1)[0] + "/"
+        # Before the pins: a bad TLS setting raises here without leaving pins reserved.
+        self.connection = DeviceConnection(
+            config, self.device,
+            subscriptions=[*self.settings.topics, self.commands_topic],
+            on_message=self.handle_message,
+            on_connected=self._publish_state,
+            reconnect_delay=reconnect_delay,
+        )
         self.red = red or LED(self.settings.red_led_pin, pin_factory=pin_factory)
         self.blue = blue or LED(self.settings.blue_led_pin, pin_factory=pin_factory)
         self.buzzer = buzzer or Buzzer(self.settings.buzzer_pin, pin_factory=pin_factory)
@@ -150,13 +158,8 @@ class Alarm:
         self.acknowledged = False
         self.ignored = 0
         self.handled = 0
-        self.connection = DeviceConnection(
-            config, self.device,
-            subscriptions=[*self.settings.topics, self.commands_topic],
-            on_message=self.handle_message,
-            on_connected=self._publish_state,
-            reconnect_delay=reconnect_delay,
-        )
+        self.closed = False
+        self._last_result: tuple | None = None  # (origin, Time, state) of the last result shown
         log.info("Alarm %s: red LED %s, blue LED %s, buzzer %s%s; watching %s", self.device,
                  self.red.pin, self.blue.pin, self.buzzer.pin,
                  f", button {self.button.pin}" if self.button else "", ", ".join(self.settings.topics))
@@ -177,7 +180,10 @@ class Alarm:
         return self
 
     def close(self) -> None:
-        """Publish OFFLINE, disconnect, turn everything off and release the pins."""
+        """Publish OFFLINE, disconnect, turn everything off and release the pins (once)."""
+        if self.closed:
+            return
+        self.closed = True
         self.connection.stop()
         with self._lock:
             for device in self._devices().values():
@@ -188,7 +194,7 @@ class Alarm:
     def handle_message(self, topic: str, payload: bytes) -> str | None:
         """Act on one message; returns the state shown after it, or None when it was ignored."""
         try:
-            command_or_state = self._parse(topic, payload)
+            command_or_state, data = self._parse(topic, payload)
         except IgnoredMessage as why:
             self.ignored += 1
             log.warning("Alarm: ignored message on %.120r: %s", topic, why)
@@ -196,11 +202,20 @@ class Alarm:
         self.handled += 1
         if command_or_state == "ACK":
             self.acknowledge()
-        else:
-            self.show(command_or_state, origin=topic.split("/")[3])
+            return self.state
+        origin = topic.split("/")[3]
+        # A server sends Sensors and, on IDC, a Warnings copy of the same result (same Time):
+        # an alarm watching both channels must not sound twice, nor re-sound after an ACK.
+        result = (origin, data["Time"], command_or_state) if isinstance(data.get("Time"), str) else None
+        with self._lock:
+            if result is not None and result == self._last_result:
+                log.debug("Alarm: %s is the same result as before, already shown", topic)
+                return self.state
+            self._last_result = result
+            self.show(command_or_state, origin=origin)
         return self.state
 
-    def _parse(self, topic, payload) -> str:
+    def _parse(self, topic, payload) -> tuple[str, dict]:
         if not isinstance(topic, str) or not isinstance(payload, (bytes, bytearray)):
             raise IgnoredMessage("topic must be text and payload bytes")
         if len(payload) > self.settings.max_payload_bytes:
@@ -224,8 +239,8 @@ class Alarm:
         if is_command:
             if data.get("Command") != "ACK":
                 raise IgnoredMessage(f"unknown command {data.get('Command')!r:.50}")
-            return "ACK"
-        return parse_sensors(data) if levels[4] == "Sensors" else parse_warnings(data)
+            return "ACK", data
+        return (parse_sensors(data) if levels[4] == "Sensors" else parse_warnings(data)), data
 
     def show(self, state: str, origin: str | None = None) -> None:
         """Set the pins for a state (IDC, NO_IDC, REVIEW or IDLE) and publish it."""

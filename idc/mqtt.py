@@ -2,8 +2,8 @@
 
 Topics are `{Location}/Devices/{Zone}/{Device}/{Channel}` with the channels Status, Warnings,
 Sensors and Commands. Status carries the plain strings "ONLINE" (published, retained, on every
-connect) and "OFFLINE" (the retained last will, and published on a clean shutdown); every other
-payload is a JSON object. Results go out with QoS 1.
+connect, once the device's subscriptions are confirmed) and "OFFLINE" (the retained last will, and
+published on a clean shutdown); every other payload is a JSON object. Everything goes out with QoS 1.
 
 `DeviceConnection` is one device's session: credentials, TLS, last will, automatic reconnect with
 backoff in paho's background thread. A broker that is down at start is not an error: the
@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import math
+import operator
 import queue
 import threading
 import time
@@ -50,8 +51,12 @@ def utc_timestamp() -> str:
 
 
 def _checked_result(results, confidence, needs_review) -> tuple[int, float, bool]:
-    # int()/float() also accept the numpy scalars the model returns, which json cannot encode.
-    results, confidence = int(results), float(confidence)
+    # index()/float() also accept the numpy scalars the model returns, which json cannot encode.
+    try:
+        results, confidence = operator.index(results), float(confidence)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"results must be the integer 0 or 1 and confidence a number, "
+                         f"got {results!r:.40} and {confidence!r:.40}") from None
     if results not in (0, 1):
         raise ValueError(f"results must be 0 (no IDC) or 1 (IDC), got {results}")
     if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0):
@@ -102,7 +107,7 @@ def result_messages(
     device = device or mqtt.Server
     now = utc_timestamp()
     messages = [(device_topic(mqtt, device, "Sensors"), sensors_payload(device, results, confidence, needs_review, now))]
-    if int(results) == 1:
+    if messages[0][1]["Results"] == 1:
         messages.append(
             (device_topic(mqtt, device, "Warnings"), warnings_payload(device, results, confidence, needs_review, now))
         )
@@ -117,7 +122,8 @@ class DeviceConnection:
     """One device's MQTT session: Status ONLINE on connect, retained last will OFFLINE, reconnects by itself.
 
     `subscriptions` are topic filters (re)subscribed on every connect; `on_message(topic, payload)`
-    receives their messages; `on_connected()` runs after each successful connect (in paho's thread).
+    receives their messages; `on_connected()` runs after each successful connect, once the
+    subscriptions are confirmed (in paho's thread).
     Callback errors are logged, never allowed to kill the network thread.
     """
 
@@ -139,6 +145,7 @@ class DeviceConnection:
         self._on_published = on_published
         self._connected = threading.Event()
         self._status_mids: set[int] = set()  # our own Status messages, not reported to on_published
+        self._subscribe_mid: int | None = None
         self._started = False
         self._unreachable_logged = False
         self.client = self._make_client(config, reconnect_delay)
@@ -154,7 +161,9 @@ class DeviceConnection:
             client_id=f"{mqtt.Location}-{mqtt.Zone}-{self.device}-{uuid.uuid4().hex[:8]}",
         )
         client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        if log.isEnabledFor(logging.DEBUG):
+            # paho's own log is protocol detail (and logs routine retries as errors): only when debugging.
+            client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         if mqtt.username is not None:
             client.username_pw_set(mqtt.username, mqtt.password)
         if mqtt.tls_ca or mqtt.tls_cert:
@@ -173,6 +182,7 @@ class DeviceConnection:
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
         return client
 
@@ -182,6 +192,7 @@ class DeviceConnection:
 
     @property
     def connected(self) -> bool:
+        """Connected and, when it has subscriptions, subscribed: ready to send and receive."""
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -229,10 +240,24 @@ class DeviceConnection:
             return
         self._unreachable_logged = False
         log.info("MQTT: %s connected to %s", self.device, self.broker)
+        if self.subscriptions:
+            # Ready once the broker confirms the subscriptions, so nothing sent after is missed.
+            self._subscribe_mid = client.subscribe([(f, QOS) for f in self.subscriptions])[1]
+        else:
+            self._ready()
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._subscribe_mid:
+            return
+        for topic_filter, code in zip(self.subscriptions, reason_codes):
+            if code.is_failure:
+                log.error("MQTT: broker %s refused the subscription of %s to %r (%s)",
+                          self.broker, self.device, topic_filter, code)
+        self._ready()
+
+    def _ready(self) -> None:
         # Runs in the network thread, so this PUBACK cannot be handled before the id is recorded.
-        self._status_mids.add(client.publish(self.topic("Status"), ONLINE, qos=QOS, retain=True).mid)
-        for topic_filter in self.subscriptions:
-            client.subscribe(topic_filter, qos=QOS)
+        self._status_mids.add(self.client.publish(self.topic("Status"), ONLINE, qos=QOS, retain=True).mid)
         self._connected.set()
         if self._on_connected:
             try:
@@ -322,8 +347,9 @@ class ResultPublisher:
         if self.connection is None:
             return False
         try:
-            messages = result_messages(self.mqtt, results, confidence, needs_review, self.device)
-        except (TypeError, ValueError) as err:
+            messages = [(topic, encode(payload)) for topic, payload in
+                        result_messages(self.mqtt, results, confidence, needs_review, self.device)]
+        except Exception as err:  # never raise into the caller's request handling
             log.error("MQTT: result not published, it is invalid: %s", err)
             with self._lock:
                 self._dropped += 1
@@ -331,7 +357,7 @@ class ResultPublisher:
         queued_all = True
         for topic, payload in messages:
             try:
-                self._queue.put_nowait((topic, encode(payload)))
+                self._queue.put_nowait((topic, payload))
             except queue.Full:
                 queued_all = False
                 with self._lock:

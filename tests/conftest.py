@@ -109,3 +109,46 @@ def tiny_project(tmp_path_factory):
     data.sort_dataset(tmp / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=1)
     record = train(config, trunk=tiny_trunk())
     return config, record
+
+
+# --- HTTP API: the tiny model compiled to OpenVINO IR, and real waitress servers in threads ---
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_project):
+    """The tiny project's model as the server loads it: FP16 OpenVINO IR (compiled once if absent)."""
+    from idc.edge_compile import compile_ir
+    from idc.inference import ir_path, load_classifier
+
+    config, _ = tiny_project
+    if not ir_path(config, "FP16").exists():
+        compile_ir(config, ["FP16"])
+    return load_classifier(config, "FP16")
+
+
+@pytest.fixture
+def live_server():
+    """live_server(app, config) -> "http://127.0.0.1:<port>": `app` on a real waitress server (the
+    production settings of idc.api.create_waitress_server) at a free port, run in a thread and
+    shut down (threads joined, port closed) after the test."""
+    import threading
+
+    from waitress import wasyncore
+
+    from idc.api import create_waitress_server
+
+    running = []
+
+    def start(app, config) -> str:
+        server = create_waitress_server(app, config, host="127.0.0.1", port=0)
+        thread = threading.Thread(target=server.run, name="waitress-test", daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return f"http://127.0.0.1:{server.effective_port}"
+
+    yield start
+    for server, thread in running:
+        # Close every socket from inside the server's own loop; the loop ends when none is left.
+        server.trigger.pull_trigger(lambda server=server: wasyncore.close_all(server._map))
+        thread.join(timeout=10)
+        server.task_dispatcher.shutdown(timeout=10)
+        assert not thread.is_alive(), "the waitress test server did not stop"

@@ -79,7 +79,10 @@ def test_idc_result_gives_sensors_and_warnings_no_idc_only_sensors(make_config):
     assert no_idc[0][1]["SensorValue"] == "IDC: 0 (Confidence: 0.1000)"
 
 
-@pytest.mark.parametrize("results, confidence", [(2, 0.5), (-1, 0.5), (1, 1.5), (1, -0.1), (1, math.nan), ("x", 0.5)])
+@pytest.mark.parametrize("results, confidence", [
+    (2, 0.5), (-1, 0.5), (0.7, 0.5), (math.inf, 0.5), ("1", 0.5), (None, 0.5),
+    (1, 1.5), (1, -0.1), (1, math.nan), (1, "high"), (1, None),
+])
 def test_invalid_results_are_rejected(results, confidence):
     with pytest.raises(ValueError):
         sensors_payload("EdgeServer", results, confidence, False)
@@ -105,7 +108,8 @@ def test_invalid_result_is_counted_not_raised(make_config):
     assert publisher.publish_result(7, 0.5, False) is False
     assert publisher.publish_result(object(), 0.5, False) is False
     assert publisher.publish_result(1, math.inf, False) is False
-    assert publisher.status()["dropped"] == 3
+    assert publisher.publish_result(math.inf, 0.5, False) is False
+    assert publisher.status()["dropped"] == 4
 
 
 # --- against a real broker ---
