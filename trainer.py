@@ -18,7 +18,7 @@ def main() -> int:
     p.add_argument("--data", help="dataset folder in the Kaggle layout (default: dataset_dir)")
     p.add_argument("--patients-file", help="CSV of patient_id,reference_split (default: patients_file)")
     p.add_argument("--weights", help='"imagenet", a weights file, or a TF Hub handle / SavedModel dir')
-    p.add_argument("--feature-layer", help="Inception V3 layer that feeds the head (e.g. mixed5)")
+    p.add_argument("--feature-layers", nargs="+", help="Inception V3 layers that feed the head (e.g. mixed0 mixed1)")
     p.add_argument("--image-size", type=int, help="input size in pixels (the article: 299)")
     p.add_argument("--samples-per-class", help='training patches per class, or "all"')
     p.add_argument("--model-dir", help="where artefacts go (default: model_dir)")
@@ -26,7 +26,7 @@ def main() -> int:
     config = cli.setup(args)
     overrides = {
         "dataset_dir": args.data, "patients_file": args.patients_file, "weights": args.weights,
-        "feature_layer": args.feature_layer, "image_size": args.image_size, "model_dir": args.model_dir,
+        "feature_layers": args.feature_layers, "image_size": args.image_size, "model_dir": args.model_dir,
         "samples_per_class": (args.samples_per_class if args.samples_per_class in (None, "all")
                               else int(args.samples_per_class)),
     }

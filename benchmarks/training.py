@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_size(size: int, args, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "trainer.py"), "all", "--config", args.config, "--image-size", str(size),
            "--model-dir", str(out)]
-    for flag in ("data", "patients_file", "weights", "feature_layer"):
+    for flag in ("data", "patients_file", "weights"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    if args.feature_layers:
+        cmd += ["--feature-layers", *args.feature_layers]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "benchmark.log"
     started = time.perf_counter()
@@ -55,7 +57,7 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--patients-file")
     p.add_argument("--weights")
-    p.add_argument("--feature-layer")
+    p.add_argument("--feature-layers", nargs="+")
     p.add_argument("--sizes", type=int, nargs="+", default=[299, 150, 75])
     p.add_argument("--work-dir", help="keep each size's model folder here (default: a temp folder)")
     args = p.parse_args()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from idc.model import view_array
 from idc.preprocessing import decode_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 PREPROCESSING_VERSION = 1
 
 
-def trunk_key(weights_id: str, feature_layer: str, image_size: int) -> str:
-    """A short, stable name for one trunk configuration."""
-    text = json.dumps([weights_id, feature_layer, image_size, PREPROCESSING_VERSION])
+def trunk_key(weights_id: str, feature_layers: list[str], pooling: str, image_size: int,
+              view: str = "identity") -> str:
+    """A short, stable name for one trunk configuration and view of the images."""
+    text = json.dumps([weights_id, feature_layers, pooling, image_size, view, PREPROCESSING_VERSION])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -37,7 +39,8 @@ def file_digest(path: str | Path) -> str:
 class BottleneckCache:
     """Features of images for one trunk, stored as one .npz (digests + feature matrix)."""
 
-    def __init__(self, cache_dir: str | Path, key: str, description: dict | None = None):
+    def __init__(self, cache_dir: str | Path, key: str, description: dict | None = None, view: str = "identity"):
+        self.view = view
         self.folder = Path(cache_dir) / key
         self.path = self.folder / "bottlenecks.npz"
         self.description = description or {}
@@ -57,9 +60,9 @@ class BottleneckCache:
         self.hits, self.misses = len(paths) - len(todo), len(todo)
         if todo:
             log.info("bottlenecks: %d cached, computing %d", self.hits, self.misses)
-            for start in tqdm(range(0, len(todo), batch_size), desc="bottlenecks", unit="batch"):
+            for start in tqdm(range(0, len(todo), batch_size), desc=f"bottlenecks ({self.view})", unit="batch"):
                 chunk = todo[start:start + batch_size]
-                batch = preprocess([decode_image(path) for _, path in chunk], image_size)
+                batch = view_array(preprocess([decode_image(path) for _, path in chunk], image_size), self.view)
                 values = np.asarray(trunk(batch, training=False), dtype=np.float32)
                 self._features.update((digest, value) for (digest, _), value in zip(chunk, values))
             self.save()

@@ -33,7 +33,10 @@ class ClassifierSettings:
     samples_per_class: int | str
     random_seed: int
     weights: str
-    feature_layer: str
+    feature_layers: list[str]
+    pooling: str
+    train_views: list[str]
+    test_time_augmentation: bool
     image_size: int
     batch_size: int
     epochs: int
@@ -63,6 +66,11 @@ class ClassifierSettings:
             "samples_per_class", 'must be a positive integer or "all"',
         )
         _require(self.classes == ["0", "1"], "classes", 'must be ["0", "1"] (0 = no IDC, 1 = IDC)')
+        _require(len(self.feature_layers) > 0, "feature_layers", "must name at least one layer")
+        _require(self.pooling in ("mean", "mean+std"), "pooling", 'must be "mean" or "mean+std"')
+        views = ("identity", "hflip", "vflip", "rot90")
+        _require(len(self.train_views) > 0 and set(self.train_views) <= set(views), "train_views",
+                 f"must be a non-empty list of {list(views)}")
         bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
         _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 def load_keras_model(path: Path):
     import keras
 
+    import idc.model  # noqa: F401  (registers the custom layers the saved model uses)
+
     if not path.exists():
         raise ModelNotFoundError(f"no trained model at {path}: run `python trainer.py train` first")
     return keras.models.load_model(path, compile=False)

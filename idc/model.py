@@ -1,8 +1,9 @@
-"""Inception V3 transfer learning: a pretrained trunk (frozen), global average pooling at a
-configurable layer, and a new 2-class softmax head (the article's "retrain the final layer").
+"""Inception V3 transfer learning: a pretrained trunk (frozen), pooled at configurable layers,
+and a new 2-class softmax head (the article's "retrain the final layer").
 
-The layer that feeds the head is configurable because the middle blocks (mixed2..mixed5)
-transfer better to 50x50 histology patches than the ImageNet-specific top (mixed10).
+The layers that feed the head are configurable because the lower blocks (mixed0..mixed2)
+transfer better to 50x50 histology patches than the ImageNet-specific top (mixed10); pooling
+their mean AND standard deviation keeps the texture statistics that tell tissue apart.
 """
 
 from __future__ import annotations
@@ -10,9 +11,62 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import keras
+import numpy as np
+from keras import ops
+
 from idc.errors import WeightsError
 
 log = logging.getLogger(__name__)
+
+# Histology has no orientation: these views of a patch are equally valid. Training uses them as
+# augmentation (cached bottlenecks of each view); inference may average over them (TTA).
+VIEWS = ("identity", "hflip", "vflip", "rot90")
+
+
+def view_array(batch: np.ndarray, view: str) -> np.ndarray:
+    """One view of an image batch (N, H, W, C), in NumPy; the same as DihedralView."""
+    if view == "identity":
+        return batch
+    if view == "hflip":
+        return batch[:, :, ::-1]
+    if view == "vflip":
+        return batch[:, ::-1]
+    if view == "rot90":
+        return np.rot90(batch, 1, axes=(1, 2))
+    raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class DihedralView(keras.layers.Layer):
+    """A flip or 90-degree rotation of an image batch, inside the model (for TTA)."""
+
+    def __init__(self, view: str, **kwargs):
+        super().__init__(**kwargs)
+        view_array(np.zeros((1, 1, 1, 1)), view)  # validates the name
+        self.view = view
+
+    def call(self, x):
+        if self.view == "hflip":
+            return ops.flip(x, axis=2)
+        if self.view == "vflip":
+            return ops.flip(x, axis=1)
+        if self.view == "rot90":
+            return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=1)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "view": self.view}
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class MeanStdPooling(keras.layers.Layer):
+    """Per-channel spatial mean and standard deviation: first- and second-order texture."""
+
+    def call(self, x):
+        mean = ops.mean(x, axis=(1, 2))
+        std = ops.sqrt(ops.maximum(ops.mean(ops.square(x), axis=(1, 2)) - ops.square(mean), 0.0) + 1e-6)
+        return ops.concatenate([mean, std], axis=-1)
 
 TOP_LAYER = "mixed10"
 WEIGHTS_HELP = (
@@ -36,39 +90,47 @@ def _is_hub_handle(weights: str) -> bool:
     return weights.startswith(("http://", "https://", "hub:")) or Path(weights).expanduser().is_dir()
 
 
-def build_trunk(weights: str, image_size: int, feature_layer: str):
+def _pool(x, pooling: str, name: str):
+    if pooling == "mean+std":
+        return MeanStdPooling(name=name)(x)
+    return keras.layers.GlobalAveragePooling2D(name=name)(x)
+
+
+def build_trunk(weights: str, image_size: int, feature_layers: list[str], pooling: str = "mean"):
     """The frozen feature extractor: image batch in [-1, 1] -> pooled features (N, C).
 
     `weights`: "imagenet" (keras.applications download, cached once), a local weights file,
     or a TF Hub handle / local SavedModel directory (whose own output is used as features).
+    `feature_layers`: Inception V3 layers whose pooled outputs are concatenated.
     """
-    import keras
-
     inputs = keras.Input((image_size, image_size, 3), name="image")
     if _is_hub_handle(weights):
         features = _hub_layer(weights)(inputs)
         if isinstance(features, dict):  # SavedModel signatures return a dict of outputs
             features = next(iter(features.values()))
         if len(features.shape) == 4:
-            features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+            features = _pool(features, pooling, "pool")
     else:
         base = _inception_v3(weights, image_size)
-        try:
-            layer_output = base.get_layer(feature_layer).output
-        except ValueError:
-            names = [l.name for l in base.layers if l.name.startswith("mixed")]
-            raise WeightsError(f"feature_layer {feature_layer!r} is not an Inception V3 layer; "
-                               f"choose one of {', '.join(names)}") from None
-        cut = keras.Model(base.input, layer_output, name=f"inception_v3_to_{feature_layer}")
-        features = keras.layers.GlobalAveragePooling2D(name="pool")(cut(inputs))
+        names = [l.name for l in base.layers]
+        unknown = [name for name in feature_layers if name not in names]
+        if unknown:
+            mixed = [n for n in names if n.startswith("mixed") and "_" not in n]
+            raise WeightsError(f"feature_layers {unknown} are not Inception V3 layers; "
+                               f"choose from {', '.join(mixed)}")
+        # Only the blocks up to the highest chosen layer are kept (and computed).
+        cut = keras.Model(base.input, [base.get_layer(n).output for n in feature_layers],
+                          name=f"inception_v3_to_{feature_layers[-1]}")
+        outputs = cut(inputs)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        pooled = [_pool(x, pooling, f"pool_{n}") for x, n in zip(outputs, feature_layers)]
+        features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="features")(pooled)
     trunk = keras.Model(inputs, features, name="trunk")
     trunk.trainable = False
     return trunk
 
 
 def _inception_v3(weights: str, image_size: int):
-    import keras
-
     shape = (image_size, image_size, 3)
     if weights == "imagenet":
         try:
@@ -88,8 +150,6 @@ def _inception_v3(weights: str, image_size: int):
 
 def _hub_layer(handle: str):
     """A Keras 3 layer around a TF Hub handle or a local SavedModel (serving_default)."""
-    import keras
-
     path = Path(handle).expanduser()
     if not path.is_dir():
         try:
@@ -110,8 +170,6 @@ def build_head(feature_dim: int, train_features=None, dropout: float = 0.3):
 
     The standardisation is adapted on the training features and saved with the model, so the
     exported model needs no separate scaler."""
-    import keras
-
     inputs = keras.Input((feature_dim,), name="features")
     normalize = keras.layers.Normalization(name="standardize")
     if train_features is not None:
@@ -121,9 +179,13 @@ def build_head(feature_dim: int, train_features=None, dropout: float = 0.3):
     return keras.Model(inputs, outputs, name="head")
 
 
-def build_classifier(trunk, head):
-    """Trunk + head as one model: image in [-1, 1] -> [P(no IDC), P(IDC)]."""
-    import keras
+def build_classifier(trunk, head, tta_views: tuple[str, ...] = ()):
+    """Trunk + head as one model: image in [-1, 1] -> [P(no IDC), P(IDC)].
 
+    With `tta_views`, the answer is the mean over those views of the image (test-time
+    augmentation): steadier on patches whose evidence sits at an edge, at a cost in speed."""
     inputs = keras.Input(trunk.input_shape[1:], name="image")
-    return keras.Model(inputs, head(trunk(inputs)), name="DevCloudIDC")
+    if len(tta_views) <= 1:
+        return keras.Model(inputs, head(trunk(inputs)), name="DevCloudIDC")
+    answers = [head(trunk(DihedralView(view, name=f"view_{view}")(inputs))) for view in tta_views]
+    return keras.Model(inputs, keras.layers.Average(name="tta_mean")(answers), name="DevCloudIDC")

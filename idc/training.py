@@ -153,16 +153,25 @@ def train(config: Config, trunk=None) -> dict:
 
     weights_id = describe_weights(settings.weights) if trunk is None else f"custom:{trunk.name}"
     if trunk is None:
-        trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layer)
-    key = bottleneck.trunk_key(weights_id, settings.feature_layer, settings.image_size)
-    cache = bottleneck.BottleneckCache(out / "bottlenecks", key, {
-        "weights": weights_id, "feature_layer": settings.feature_layer, "image_size": settings.image_size})
+        trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layers, settings.pooling)
     features, labels, cache_stats = {}, {}, {}
     for split, patches in splits.items():
-        features[split] = cache.features([p.path for p in patches], trunk, settings.batch_size,
-                                         settings.image_size) if patches else np.zeros((0, 1), np.float32)
-        labels[split] = np.array([p.label for p in patches], dtype=np.int64)
-        cache_stats[split] = {"hits": cache.hits, "computed": cache.misses}
+        # Training sees every view of each patch (augmentation); validation the patch as it is.
+        views = settings.train_views if split == "train" else ["identity"]
+        per_view, cache_stats[split] = [], {"hits": 0, "computed": 0}
+        for view in views:
+            key = bottleneck.trunk_key(weights_id, settings.feature_layers, settings.pooling,
+                                       settings.image_size, view)
+            cache = bottleneck.BottleneckCache(out / "bottlenecks", key, view=view, description={
+                "weights": weights_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
+                "image_size": settings.image_size, "view": view})
+            if patches:
+                per_view.append(cache.features([p.path for p in patches], trunk, settings.batch_size,
+                                               settings.image_size))
+            cache_stats[split]["hits"] += cache.hits
+            cache_stats[split]["computed"] += cache.misses
+        features[split] = np.concatenate(per_view) if per_view else np.zeros((0, 1), np.float32)
+        labels[split] = np.tile(np.array([p.label for p in patches], dtype=np.int64), len(views))
     bottleneck_seconds = time.time() - started
 
     head, history = train_head(config, features["train"], labels["train"],
@@ -171,6 +180,8 @@ def train(config: Config, trunk=None) -> dict:
     fine_tune_history = None
     if settings.fine_tune_blocks > 0:
         fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
+    if settings.test_time_augmentation:
+        classifier = build_classifier(trunk, head, tuple(settings.train_views))
 
     out.mkdir(parents=True, exist_ok=True)
     classifier.save(model_path(config))
@@ -182,7 +193,7 @@ def train(config: Config, trunk=None) -> dict:
         "seconds": round(time.time() - started, 1),
         "bottleneck_seconds": round(bottleneck_seconds, 1),
         "settings": {k: v for k, v in vars(settings).items()},
-        "trunk": {"weights": weights_id, "key": key, "feature_dim": int(features["train"].shape[1])},
+        "trunk": {"weights": weights_id, "feature_dim": int(features["train"].shape[1])},
         "bottleneck_cache": cache_stats,
         "data": {split: {"patients": len({p.patient for p in ps}),
                          "patches": dict(sorted(Counter(str(p.label) for p in ps).items()))}

@@ -23,7 +23,9 @@ def test_training_exports_model_classes_and_record(trained):
     assert (config.model_dir / "classes.txt").read_text() == "0 no IDC\n1 IDC\n"
     saved = json.loads((config.model_dir / "training.json").read_text())
     assert saved["data"]["train"]["patients"] == 6 and saved["data"]["validation"]["patients"] == 2
-    assert saved["bottleneck_cache"]["train"]["computed"] == 6 * 16
+    # every training patch in each of the 4 views (augmentation); validation as it is
+    assert saved["bottleneck_cache"]["train"]["computed"] == 6 * 16 * 4
+    assert saved["bottleneck_cache"]["validation"]["computed"] == 2 * 16
     assert any((config.model_dir / "logs" / "head").rglob("events.out.tfevents.*"))
     assert (config.model_dir / "history_head.csv").exists()
 
@@ -54,7 +56,7 @@ def test_evaluate_any_folder_skips_corrupt_files(trained, tmp_path):
 def test_second_run_reuses_the_bottleneck_cache(trained):
     config, _ = trained
     again = train(config, trunk=tiny_trunk())
-    assert again["bottleneck_cache"]["train"] == {"hits": 96, "computed": 0}
+    assert again["bottleneck_cache"]["train"] == {"hits": 96 * 4, "computed": 0}
 
 
 def test_cache_invalidated_by_changed_image_and_size(tmp_path):
@@ -63,7 +65,7 @@ def test_cache_invalidated_by_changed_image_and_size(tmp_path):
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
         patch_image(i % 2, np.random.default_rng(i)).save(paths[-1])
-    key = bottleneck.trunk_key("custom:tiny", "mixed1", 75)
+    key = bottleneck.trunk_key("custom:tiny", ["mixed1"], "mean", 75)
     cache = bottleneck.BottleneckCache(tmp_path / "cache", key)
     first = cache.features(paths, trunk, 2, 75)
     assert (cache.hits, cache.misses) == (0, 3)
@@ -73,8 +75,10 @@ def test_cache_invalidated_by_changed_image_and_size(tmp_path):
     patch_image(1, np.random.default_rng(99)).save(paths[0])  # the image changed on disk
     reloaded.features(paths, trunk, 2, 75)
     assert (reloaded.hits, reloaded.misses) == (2, 1)
-    assert bottleneck.trunk_key("custom:tiny", "mixed1", 99) != key
-    assert bottleneck.trunk_key("custom:tiny", "mixed2", 75) != key
+    assert bottleneck.trunk_key("custom:tiny", ["mixed1"], "mean", 99) != key
+    assert bottleneck.trunk_key("custom:tiny", ["mixed2"], "mean", 75) != key
+    assert bottleneck.trunk_key("custom:tiny", ["mixed1"], "mean+std", 75) != key
+    assert bottleneck.trunk_key("custom:tiny", ["mixed1"], "mean", 75, "hflip") != key
 
 
 def test_fine_tune_phase_runs_and_exports(tmp_path):
@@ -97,3 +101,26 @@ def test_train_without_sorting_says_what_to_do(tmp_path):
     config = with_overrides(load_config(write_config(tmp_path)), "ClassifierSettings", model_dir=str(tmp_path / "none"))
     with pytest.raises(Exception, match="trainer.py sort"):
         train(config, trunk=tiny_trunk())
+
+
+def test_views_match_between_numpy_and_the_model():
+    from idc.model import VIEWS, DihedralView, view_array
+
+    batch = np.random.default_rng(0).random((2, 5, 5, 3)).astype(np.float32)
+    for view in VIEWS:
+        np.testing.assert_array_equal(np.asarray(DihedralView(view)(batch)), view_array(batch, view))
+    assert len({view_array(batch, v).tobytes() for v in VIEWS}) == 4
+
+
+def test_tta_model_averages_the_views(trained):
+    from idc.evaluation import load_keras_model
+    from idc.model import view_array
+
+    config, _ = trained
+    model = load_keras_model(model_path(config))
+    assert config.classifier.test_time_augmentation and model.get_layer("tta_mean")
+    single = model.get_layer("head")
+    trunk = model.get_layer("tiny_trunk")
+    batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
+    expected = np.mean([np.asarray(single(trunk(view_array(batch, v)))) for v in config.classifier.train_views], 0)
+    np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)

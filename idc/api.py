@@ -1,0 +1,454 @@
+"""The edge server's HTTP API: a Flask application factory, compatible with the 2018 clients.
+
+`create_app(config, classifier, publisher)` builds the app; nothing heavy happens at import, and
+tests build apps with their own config and a classifier of their own. `serve(app, config)` runs
+it: waitress for plain HTTP (the production server), or, when Server.tls_cert and
+Server.tls_key are set, werkzeug's threaded server with TLS (waitress has no TLS). For an edge box
+reachable from outside a lab network, prefer a TLS-terminating reverse proxy (nginx, Caddy) in
+front of the waitress server and leave tls_cert/tls_key unset.
+
+Endpoints
+- `POST /api/infer`: the image as the raw body (any `image/*` or `application/octet-stream`
+  content type, or none) or as the multipart form field `file`. 200 gives
+  `{"Response": "OK", "ResponseMessage": "IDC Detected!" | "IDC Not Detected!", "Results": 1 | 0,
+  "Confidence": P(IDC), "NeedsReview": bool, "Seconds": decode + inference time}`.
+- `GET /api/health`: model, MQTT and request counters; 503 while no model is loaded.
+
+Every error is JSON, `{"Response": "FAILED", "ResponseMessage": "<why>"}`: 400 not an image or
+corrupt (also an empty body, or multipart without `file`), 401 API key missing or wrong, 404, 405,
+413 upload over Server.max_upload_bytes or image over Server.max_image_side pixels a side,
+415 unsupported content type or image format (PNG, JPEG, BMP and TIFF are accepted), 503 no model,
+500 only for a fault of the server itself (logged with its traceback, never sent to the client).
+
+Any decodable image of an accepted format within the limits gets a prediction, whatever its
+size (a 1x1 PNG is answered with a 200): the API does not judge whether it is a histology patch.
+
+Uploads never touch the working directory: multipart files are kept in memory (bounded by
+Server.max_upload_bytes), and the optional archive (Server.archive_dir, total size capped by
+Server.archive_max_bytes, oldest deleted first) uses names made by the server, never the client's.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hmac
+import io
+import logging
+import re
+import ssl
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flask import Flask, Request, g, jsonify, request
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from idc.config import Config
+from idc.errors import ImageError
+from idc.preprocessing import ALLOWED_FORMATS
+
+if TYPE_CHECKING:
+    from idc.inference import Classifier
+
+log = logging.getLogger(__name__)
+
+INFER = "/api/infer"
+HEALTH = "/api/health"
+RAW_TYPES = ("application/octet-stream", "")  # plus any image/*; no Content-Type counts as raw bytes
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
+# Room for multipart boundaries and headers above max_upload_bytes before waitress itself refuses a
+# body (with a plain-text 413); anything up to that gets the JSON 413 from Flask.
+WAITRESS_BODY_SLACK = 1 << 20
+
+
+class ApiError(Exception):
+    """An error answered as `{"Response": "FAILED", "ResponseMessage": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def failed(status: int, message: str, headers=None):
+    response = jsonify({"Response": "FAILED", "ResponseMessage": message})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+class InMemoryRequest(Request):
+    """Multipart uploads stay in memory (their size is bounded by MAX_CONTENT_LENGTH); werkzeug
+    would otherwise spool uploads over 500 KB into a temporary file."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+class UploadArchive:
+    """A folder of accepted uploads, at most `max_bytes` in total: the oldest are deleted first.
+
+    File names are made here (UTC time, random id, result), never taken from the client; only
+    files named that way are counted or deleted, so nothing else in the folder is touched.
+    """
+
+    NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_[0-9a-f]{12}_idc[01]_p\d\.\d{4}(_review)?\.(png|jpg|bmp|tif)$")
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # Names start with the time, so name order is age order.
+        existing = sorted(p for p in self.folder.iterdir() if p.is_file() and self.NAME.match(p.name))
+        self._files = collections.deque((p, p.stat().st_size) for p in existing)
+        self._total = sum(size for _, size in self._files)
+        with self._lock:
+            self._trim()
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def add(self, data: bytes, image_format: str, label: int, p_idc: float, needs_review: bool) -> Path | None:
+        """Store one upload; never raises (a full disk must not fail the request)."""
+        if len(data) > self.max_bytes:
+            log.warning("archive: a %d-byte upload is larger than archive_max_bytes; not archived", len(data))
+            return None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = (f"{now:%Y%m%dT%H%M%S.%f}Z_{uuid.uuid4().hex[:12]}_idc{label}_p{p_idc:.4f}"
+                f"{'_review' if needs_review else ''}.{EXTENSIONS[image_format]}")
+        path = self.folder / name
+        try:
+            with self._lock:
+                with path.open("xb") as f:
+                    f.write(data)
+                self._files.append((path, len(data)))
+                self._total += len(data)
+                self._trim()
+            return path
+        except OSError as err:
+            log.error("archive: cannot write %s: %s", path, err)
+            return None
+
+    def _trim(self) -> None:
+        while self._total > self.max_bytes and self._files:
+            oldest, size = self._files.popleft()
+            self._total -= size
+            oldest.unlink(missing_ok=True)
+
+
+class _NoPublisher:
+    """Stands in when there is no MQTT publisher at all."""
+
+    enabled = False
+
+    def publish_result(self, results, confidence, needs_review) -> bool:
+        return False
+
+    def status(self) -> dict:
+        return {"enabled": False, "connected": False, "dropped": 0, "published": 0, "queued": 0, "in_flight": 0}
+
+    def stop(self) -> None:
+        pass
+
+
+class ApiState:
+    """What the request handlers share: the classifier, publisher, archive and counters."""
+
+    def __init__(self, config: Config, classifier, publisher, owns_publisher: bool):
+        server = config.Server
+        self.config = config
+        self.classifier = classifier
+        self.publisher = publisher
+        self.owns_publisher = owns_publisher
+        self.max_side = server.max_image_side
+        self._api_key = server.api_key.encode("utf-8") if server.api_key else None
+        self.archive = (UploadArchive(config.resolve(server.archive_dir), server.archive_max_bytes)
+                        if server.archive_dir else None)
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._counts = {"served": 0, "ok": 0, "failed": 0}
+
+    @property
+    def auth_required(self) -> bool:
+        return self._api_key is not None
+
+    def authorize(self, headers) -> None:
+        """Raise 401 unless the request carries the API key (X-API-Key or Authorization: Bearer)."""
+        if self._api_key is None:
+            return
+        given = headers.get("X-API-Key")
+        if given is None:
+            scheme, _, token = headers.get("Authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        # WSGI gives headers as latin-1 decoded strings: encoding them back gives the bytes sent
+        # (so a UTF-8 key sent as UTF-8 matches), and nothing a client sends can raise here.
+        if given is None or not hmac.compare_digest(given.encode("latin-1", "replace"), self._api_key):
+            why = "API key required: send it as X-API-Key or Authorization: Bearer <key>" if given is None \
+                else "wrong API key"
+            raise ApiError(401, why, {"WWW-Authenticate": 'Bearer realm="idc"'})
+
+    def count(self, ok: bool) -> None:
+        with self._lock:
+            self._counts["served"] += 1
+            self._counts["ok" if ok else "failed"] += 1
+
+    @property
+    def counts(self) -> dict:
+        """Requests to /api/infer: served, ok (200), failed (any error)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def mqtt_status(self) -> dict:
+        try:
+            return dict(self.publisher.status())
+        except Exception:  # health must answer even if the publisher is broken
+            log.exception("MQTT status unavailable")
+            return {"enabled": getattr(self.publisher, "enabled", None), "error": "status unavailable"}
+
+    def model_info(self) -> dict:
+        if self.classifier is None:
+            return {"loaded": False}
+        described = self.classifier.describe()
+        # Backend, device, input size and threshold; not the model's path on disk.
+        info = {key: described[key] for key in ("backend", "device", "precision", "image_size", "threshold")
+                if key in described}
+        return {"loaded": True, **info, "review_band": getattr(self.classifier, "review_band", None)}
+
+    def close(self) -> None:
+        """Stop the MQTT publisher if the app created it."""
+        if self.owns_publisher:
+            self.publisher.stop()
+
+
+def inspect_image(data: bytes, max_side: int) -> str:
+    """The image format, after checking the header only (no pixels decoded): 400 when it is not an
+    image, 415 for a format other than PNG/JPEG/BMP/TIFF, 413 when it is too large."""
+    if not data:
+        raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"image too large: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
+                            f"(the limit is {max_side} px a side)") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "not an image: send PNG or JPEG bytes") from None
+    except Exception as err:  # a header Pillow recognises but cannot parse: corrupt, by definition
+        raise ApiError(400, f"corrupt image data: {type(err).__name__}") from None
+    if image_format not in ALLOWED_FORMATS:
+        raise ApiError(415, f"unsupported image format {image_format}: use PNG, JPEG, BMP or TIFF")
+    if max(width, height) > max_side:
+        raise ApiError(413, f"image is {width}x{height} px; the limit is {max_side} px a side")
+    return image_format
+
+
+def upload_bytes(req: Request) -> bytes:
+    """The image bytes of a request: the raw body, or the multipart field `file`."""
+    mimetype = req.mimetype
+    if mimetype == "multipart/form-data":
+        upload = req.files.get("file")
+        if upload is None:
+            raise ApiError(400, "multipart request without a 'file' field: send the image as field 'file'")
+        return upload.read()
+    if mimetype.startswith("image/") or mimetype in RAW_TYPES:
+        return req.get_data(cache=False)
+    raise ApiError(415, f"unsupported content type {mimetype!r}: send the image with an image/* or "
+                        "application/octet-stream content type, or as multipart field 'file'")
+
+
+def create_app(config: Config, classifier: Classifier | None = None, publisher=None) -> Flask:
+    """The Flask app serving `classifier` (None: not loaded, /api/infer answers 503).
+
+    `publisher` receives every result (an idc.mqtt.ResultPublisher or alike); when None, the app
+    makes and starts its own from the config (it does nothing while IoTJumpWay.enabled is false),
+    stopped by `app.extensions["idc"].close()`.
+    """
+    server = config.Server
+    if server.api_key == "":
+        log.warning("Server.api_key is an empty string: no API key is required")
+    owns_publisher = publisher is None
+    if publisher is None:
+        from idc.mqtt import ResultPublisher
+
+        publisher = ResultPublisher(config).start()
+    # Pillow's decompression-bomb guard (process-wide): warn above the largest accepted image and
+    # refuse twice that before decoding. Only ever lowered here, never loosened.
+    pixels = max(1, server.max_image_side) ** 2
+    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > pixels:
+        Image.MAX_IMAGE_PIXELS = pixels
+
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config.update(MAX_CONTENT_LENGTH=server.max_upload_bytes)
+    app.json.sort_keys = False  # keep the contract's field order: Response first
+    state = ApiState(config, classifier, publisher, owns_publisher)
+    app.extensions["idc"] = state
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def log_request(response):
+        latency_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        if request.path == INFER:
+            state.count(response.status_code == 200)
+        prediction = g.get("prediction")
+        if prediction is not None:
+            outcome = f"result={prediction.label} p={prediction.p_idc:.4f} review={prediction.needs_review}"
+        elif response.status_code >= 400:
+            outcome = f"error={g.get('error', response.status)!r}"
+        else:
+            outcome = "-"
+        log.info("%s %s %s %d bytes=%d %s latency_ms=%.1f", request.remote_addr, request.method, request.path,
+                 response.status_code, request.content_length or 0, outcome, latency_ms)
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(err: ApiError):
+        g.error = err.message
+        return failed(err.status, err.message, err.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        messages = {
+            404: f"not found: {request.path} (the API is POST {INFER} and GET {HEALTH})",
+            405: f"method {request.method} not allowed on {request.path}",
+            413: f"upload too large: the limit is {server.max_upload_bytes} bytes",
+        }
+        g.error = messages.get(err.code, err.name)
+        headers = {k: v for k, v in err.get_headers() if k.lower() != "content-type"}
+        return failed(err.code or 500, g.error, headers)
+
+    @app.errorhandler(InternalServerError)
+    def server_error(err: InternalServerError):
+        # Flask has logged the original exception with its traceback; the client gets one line.
+        g.error = "internal server error"
+        return failed(500, "internal server error: the fault is logged on the server")
+
+    @app.post(INFER)
+    def infer():
+        state.authorize(request.headers)
+        if state.classifier is None:
+            raise ApiError(503, "model not loaded: train and compile it (trainer.py, compile_ncs.sh), "
+                                "then restart the server")
+        data = upload_bytes(request)
+        image_format = inspect_image(data, state.max_side)
+        try:
+            prediction = state.classifier.classify(data)
+        except ImageError as err:
+            raise ApiError(400, str(err)) from None
+        g.prediction = prediction
+        try:
+            state.publisher.publish_result(prediction.label, prediction.p_idc, prediction.needs_review)
+        except Exception:  # the publisher never raises by contract; a broken one must not fail requests
+            log.exception("MQTT: publishing the result failed")
+        if state.archive is not None:
+            state.archive.add(data, image_format, prediction.label, prediction.p_idc, prediction.needs_review)
+        return {
+            "Response": "OK",
+            "ResponseMessage": prediction.message,
+            "Results": prediction.label,
+            "Confidence": round(prediction.p_idc, 6),
+            "NeedsReview": prediction.needs_review,
+            "Seconds": round(prediction.seconds, 6),
+        }
+
+    @app.get(HEALTH)
+    def health():
+        model = state.model_info()
+        mqtt = state.mqtt_status()
+        body = {
+            "Response": "OK" if model["loaded"] else "FAILED",
+            "ResponseMessage": "ready" if model["loaded"] else "model not loaded",
+            "model": model,
+            "mqtt": mqtt,
+            "mqtt_dropped": mqtt.get("dropped"),
+            "uptime_seconds": round(time.monotonic() - state.started, 3),
+            "requests": state.counts,
+            "auth_required": state.auth_required,
+            "max_upload_bytes": server.max_upload_bytes,
+            "max_image_side": state.max_side,
+        }
+        return body, 200 if model["loaded"] else 503
+
+    return app
+
+
+# --- serving ---
+
+def create_waitress_server(app: Flask, config: Config, host: str | None = None, port: int | None = None):
+    """A waitress server for `app` (not yet running: call .run()); host, port, threads from config.
+
+    Bodies over max_upload_bytes + 1 MiB are refused by waitress itself (plain-text 413), so a
+    client cannot make the server buffer more than that; smaller ones reach Flask's JSON 413.
+    """
+    import waitress
+
+    server = config.Server
+    return waitress.create_server(
+        app,
+        host=server.host if host is None else host,
+        port=server.port if port is None else port,
+        threads=server.threads,
+        max_request_body_size=server.max_upload_bytes + WAITRESS_BODY_SLACK,
+        ident="IDC-Classifier",
+        clear_untrusted_proxy_headers=True,
+    )
+
+
+class _LazyHandshakeContext(ssl.SSLContext):
+    """TLS handshakes happen in the request's own thread (on first read), not in the accept loop,
+    where one slow client would stall every other connection."""
+
+    def wrap_socket(self, sock, *args, **kwargs):
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    server = config.Server
+    context = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.resolve(server.tls_cert), config.resolve(server.tls_key))
+    return context
+
+
+def create_tls_server(app: Flask, config: Config, host: str | None = None, port: int | None = None):
+    """werkzeug's threaded WSGI server with TLS (Server.tls_cert, Server.tls_key); .serve_forever()."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Handler(WSGIRequestHandler):
+        timeout = 30  # seconds a client may stay silent (also bounds the TLS handshake)
+
+        def log_request(self, code="-", size="-"):  # the app logs one line per request already
+            pass
+
+    server = config.Server
+    return make_server(server.host if host is None else host, server.port if port is None else port,
+                       app, threaded=True, request_handler=Handler, ssl_context=tls_context(config))
+
+
+def serve(app: Flask, config: Config, host: str | None = None, port: int | None = None) -> None:
+    """Serve `app` until KeyboardInterrupt/SystemExit (e.g. from a SIGTERM handler)."""
+    settings = config.Server
+    if settings.tls_cert:
+        server = create_tls_server(app, config, host, port)
+        log.warning("serving HTTPS with werkzeug's threaded server (waitress has no TLS); for a production "
+                    "edge box put a TLS-terminating reverse proxy in front of waitress instead")
+        log.info("serving on https://%s:%s (POST %s, GET %s)", *server.server_address[:2], INFER, HEALTH)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        return
+    server = create_waitress_server(app, config, host, port)
+    log.info("serving on http://%s:%s with waitress, %d threads (POST %s, GET %s)",
+             server.effective_host, server.effective_port, settings.threads, INFER, HEALTH)
+    server.run()  # returns after KeyboardInterrupt/SystemExit, with the worker threads shut down
