@@ -140,21 +140,6 @@ class UploadArchive:
             oldest.unlink(missing_ok=True)
 
 
-class _NoPublisher:
-    """Stands in when there is no MQTT publisher at all."""
-
-    enabled = False
-
-    def publish_result(self, results, confidence, needs_review) -> bool:
-        return False
-
-    def status(self) -> dict:
-        return {"enabled": False, "connected": False, "dropped": 0, "published": 0, "queued": 0, "in_flight": 0}
-
-    def stop(self) -> None:
-        pass
-
-
 class ApiState:
     """What the request handlers share: the classifier, publisher, archive and counters."""
 
@@ -225,13 +210,13 @@ class ApiState:
 
 
 def inspect_image(data: bytes, max_side: int) -> str:
-    """The image format, after checking the header only (no pixels decoded): 400 when it is not an
-    image, 415 for a format other than PNG/JPEG/BMP/TIFF, 413 when it is too large."""
+    """The image format, once the image is known to be safe to hand to the classifier: 400 when it
+    is not an image or is corrupt, 415 for a format other than PNG/JPEG/BMP/TIFF, 413 when it is
+    too large (checked from the header, before any pixel is decoded)."""
     if not data:
         raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format, (width, height) = image.format, image.size
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise ApiError(413, f"image too large: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
                             f"(the limit is {max_side} px a side)") from None
@@ -239,11 +224,20 @@ def inspect_image(data: bytes, max_side: int) -> str:
         raise ApiError(400, "not an image: send PNG or JPEG bytes") from None
     except Exception as err:  # a header Pillow recognises but cannot parse: corrupt, by definition
         raise ApiError(400, f"corrupt image data: {type(err).__name__}") from None
-    if image_format not in ALLOWED_FORMATS:
-        raise ApiError(415, f"unsupported image format {image_format}: use PNG, JPEG, BMP or TIFF")
-    if max(width, height) > max_side:
-        raise ApiError(413, f"image is {width}x{height} px; the limit is {max_side} px a side")
-    return image_format
+    with image:
+        if image.format not in ALLOWED_FORMATS:
+            raise ApiError(415, f"unsupported image format {image.format}: use PNG, JPEG, BMP or TIFF")
+        width, height = image.size
+        if max(width, height) > max_side:
+            raise ApiError(413, f"image is {width}x{height} px; the limit is {max_side} px a side")
+        # Decode the pixels here, where any failure of a decoder on hostile data is a 400: Pillow
+        # raises more than the exceptions the shared decode_image() expects (e.g. OverflowError
+        # for a corrupt TIFF offset), and those must not become 500s.
+        try:
+            image.load()
+        except Exception as err:
+            raise ApiError(400, f"corrupt image data: {type(err).__name__}: {str(err)[:200]}") from None
+    return image.format
 
 
 def upload_bytes(req: Request) -> bytes:
@@ -252,7 +246,8 @@ def upload_bytes(req: Request) -> bytes:
     if mimetype == "multipart/form-data":
         upload = req.files.get("file")
         if upload is None:
-            raise ApiError(400, "multipart request without a 'file' field: send the image as field 'file'")
+            raise ApiError(400, "multipart request without a 'file' field: send the image as the file "
+                                "field 'file' (e.g. curl -F file=@patch.png)")
         return upload.read()
     if mimetype.startswith("image/") or mimetype in RAW_TYPES:
         return req.get_data(cache=False)
@@ -315,9 +310,10 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
+        allowed = [m for m in getattr(err, "valid_methods", None) or () if m not in ("HEAD", "OPTIONS")]
         messages = {
             404: f"not found: {request.path} (the API is POST {INFER} and GET {HEALTH})",
-            405: f"method {request.method} not allowed on {request.path}",
+            405: f"method {request.method} not allowed on {request.path}; use {' or '.join(allowed)}",
             413: f"upload too large: the limit is {server.max_upload_bytes} bytes",
         }
         g.error = messages.get(err.code, err.name)
@@ -353,7 +349,7 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
             "Response": "OK",
             "ResponseMessage": prediction.message,
             "Results": prediction.label,
-            "Confidence": round(prediction.p_idc, 6),
+            "Confidence": float(prediction.p_idc),  # unrounded: consistent with Results at the threshold
             "NeedsReview": prediction.needs_review,
             "Seconds": round(prediction.seconds, 6),
         }

@@ -53,6 +53,18 @@ def decompression_bomb(side: int = 6000) -> bytes:
     return png_claiming(side, side, zlib.compress(bytes((side + 1) * side), 9))
 
 
+def tiff_with_overflowing_strip_offset() -> bytes:
+    """A white TIFF whose StripOffsets entry claims type LONG8: Pillow reads 0xFF..FF as an offset and
+    raises OverflowError while decoding (not one of the errors idc.preprocessing.decode_image maps)."""
+    out = io.BytesIO()
+    Image.new("RGB", (50, 50), (255, 255, 255)).save(out, "TIFF")
+    tiff = bytearray(out.getvalue())
+    for i in range(struct.unpack_from("<H", tiff, 8)[0]):
+        if struct.unpack_from("<H", tiff, 10 + 12 * i)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", tiff, 10 + 12 * i + 2, 16)  # LONG -> LONG8
+    return bytes(tiff)
+
+
 def multipart(fields: dict) -> tuple[bytes, str]:
     """A multipart/form-data body; a value (filename, bytes) is a file, bytes a plain field."""
     boundary = "----idc-test-boundary"
@@ -173,7 +185,8 @@ def test_multipart_field_file(client, images):
 @pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF"])
 def test_other_accepted_formats(client, images, fmt):
     out = io.BytesIO()
-    Image.open(io.BytesIO(images["negative"])).convert("RGB").save(out, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    Image.open(io.BytesIO(images["negative"])).convert("RGB").save(out, fmt, **options)
     response = post(client, out.getvalue(), "application/octet-stream")
     assert response.status_code == 200
     assert_answer(response.get_json(), 0)
@@ -192,6 +205,7 @@ def test_one_pixel_png_is_a_valid_image(client):
     (b"hello, I am not an image", "not an image"),
     (b"\x89PNG\r\n\x1a\n" + bytes(40), None),
     (None, "corrupt"),  # a truncated PNG, built in the test
+    (tiff_with_overflowing_strip_offset(), "corrupt image data: OverflowError"),
 ])
 def test_400_not_an_image_or_corrupt(client, images, data, says):
     data = images["positive"][: len(images["positive"]) // 2] if data is None else data
@@ -248,9 +262,9 @@ def test_503_model_not_loaded(make_config, images):
 def test_404_and_405_are_json(client):
     assert_failed(client.get("/nowhere"), 404, "/api/infer")
     response = client.get("/api/infer")
-    assert_failed(response, 405, "GET")
+    assert_failed(response, 405, "method GET not allowed on /api/infer; use POST")
     assert "POST" in response.headers["Allow"]
-    assert_failed(client.post("/api/health"), 405)
+    assert_failed(client.post("/api/health"), 405, "use GET")
 
 
 def test_500_is_json_without_details_and_logged(app_for, images, caplog):
@@ -317,6 +331,9 @@ def test_uploads_never_touch_the_working_directory_or_temp(app_for, images, tmp_
     temp.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    spooled = []  # on Linux a TemporaryFile has no name: record its creation instead (werkzeug's spooling)
+    real_temporary_file = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: spooled.append(1) or real_temporary_file(*a, **k))
     client = app_for().test_client()
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8))
     big = io.BytesIO()
@@ -326,7 +343,7 @@ def test_uploads_never_touch_the_working_directory_or_temp(app_for, images, tmp_
         body, content_type = multipart({"file": ("../../evil.png", data)})
         assert post(client, body, content_type).status_code == 200
         assert post(client, data).status_code == 200
-    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == []
+    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == [] and spooled == []
 
 
 def test_archive_names_by_server_capped_oldest_first(app_for, images, tmp_path):
@@ -449,8 +466,10 @@ def fuzz_cases(images, max_upload):
     for i in range(20):
         cut = rng.randint(1, len(jpeg) - 1)
         cases.append((f"truncated-jpeg-{cut}", jpeg[:cut], "image/jpeg", {200, 400}))
+    tiff = io.BytesIO()
+    Image.open(io.BytesIO(negative)).save(tiff, "TIFF")
     for i in range(40):
-        mutated = bytearray(rng.choice([positive, negative, jpeg]))
+        mutated = bytearray(rng.choice([positive, negative, jpeg, tiff.getvalue()]))
         for _ in range(rng.randint(1, 8)):
             mutated[rng.randrange(len(mutated))] = rng.randrange(256)
         cases.append((f"mutated-{i}", bytes(mutated), "application/octet-stream", bad | {200}))
@@ -468,6 +487,7 @@ def fuzz_cases(images, max_upload):
         ("claims-20000x20000-with-pixels", png_claiming(20000, 20000, zlib.compress(bytes(5000))), "image/png", {413}),
         ("decompression-bomb", decompression_bomb(), "image/png", {413}),
         ("too-wide", image_bytes((5000, 4), mode="L"), "image/png", {413}),
+        ("tiff-overflowing-offset", tiff_with_overflowing_strip_offset(), "image/tiff", {400}),
         ("gif", image_bytes(fmt="GIF", mode="P"), "image/gif", {415}),
         ("webp", image_bytes(fmt="WEBP"), "image/webp", {415}),
         ("larger-than-max-upload", bytes(max_upload + 1), "application/octet-stream", {413}),
@@ -620,7 +640,8 @@ def test_server_script_serves_and_stops_on_sigterm(tiny_project, tiny_classifier
     with log_path.open("w") as log_file:
         process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--config", str(config.path),
                                     "--port", str(port), "--precision", "FP16"],
-                                   stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         def healthy():
             try:
@@ -647,3 +668,26 @@ def test_server_script_without_a_model_says_so(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "server.py"), "--config", str(write_config(tmp_path))],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "error: no trained model" in done.stderr
+
+
+# --- benchmarks/server_load.py (its logic, on the tiny model; the targets are for the real one) ---
+
+def test_server_load_benchmark_runs_on_the_tiny_model(tiny_project, tiny_classifier, tmp_path):
+    config, _ = tiny_project
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_load.py"), "--model-dir",
+                           str(config.model_dir), "--requests", "60", "--warmup", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["requests"] == 60 and figures["errors"] == 0 and figures["threads"] == 4
+    assert figures["backend"] == "openvino-FP16" and figures["server_requests_served"] == 64
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"] and figures["requests_per_second"] > 0
+    assert figures["rss_before_mb"] > 0 and figures["targets_met"] == (done.returncode == 0)
+    assert "requests/s" in done.stdout and "p99" in done.stdout and "Server RSS" in done.stdout
+
+
+def test_server_load_benchmark_without_a_model_says_so(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_load.py"), "--model-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nothing to measure" in done.stdout and "compile_ncs.sh" in done.stdout

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Post images to the edge server (POST /api/infer) and print its answers.
+
+  python client.py                           # model/test/positive.png and negative.png
+  python client.py a.png some/folder/        # any files, or every image under folders
+  python client.py --server http://edge-box:7455 --api-key KEY
+
+For each image it prints what was sent, the server's JSON answer and a one-line verdict, e.g.
+`IDC Detected! (confidence 0.93, P(IDC) 0.9312)`; then a summary. A connection that fails
+(server not up yet) is retried a bounded number of times with doubling delays; when it still
+fails, the remaining images are not sent. Exit status: 0 when every image got an answer,
+1 when any request failed, 2 for bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
+                 ".tif": "image/tiff", ".tiff": "image/tiff"}
+INFER = "/api/infer"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("images", nargs="*", help="image files or folders (default: model/test/positive.png, negative.png)")
+    p.add_argument("--config", default=None, help="path to confs.json (default: the project's own)")
+    p.add_argument("--server", help="server URL (default: http://Server.host:Server.port from confs.json)")
+    p.add_argument("--api-key", default=os.environ.get("IDC_API_KEY"),
+                   help="API key, if the server requires one (default: $IDC_API_KEY, else Server.api_key)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer (default: 30)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="retries of a request the server refused to connect (default: 4)")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="seconds before the first retry, doubled for each next one (default: 0.5)")
+    args = p.parse_args(argv)
+    if args.timeout <= 0 or args.retries < 0 or args.backoff < 0:
+        p.error("--timeout must be positive, --retries and --backoff not negative")
+    return args
+
+
+def infer_url(server: str) -> str:
+    """http://host:port[/prefix] -> .../api/infer (a URL already ending in /api/infer is kept)."""
+    if "://" not in server:
+        server = f"http://{server}"
+    server = server.rstrip("/")
+    return server if server.endswith(INFER) else server + INFER
+
+
+def default_server(config) -> str:
+    settings = config.Server
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{host}:{settings.port}"
+
+
+def collect(paths: list[str]) -> list[Path]:
+    """The given files, and every image under the given folders (sorted)."""
+    found = []
+    for name in map(Path, paths):
+        if name.is_dir():
+            found += sorted(p for p in name.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(name)
+    return found
+
+
+def post_image(session: requests.Session, url: str, data: bytes, content_type: str, headers: dict,
+               timeout: float, retries: int, backoff: float) -> requests.Response:
+    """POST one image; retry (bounded, doubling delays) only when the connection itself fails."""
+    for attempt in range(retries + 1):
+        try:
+            return session.post(url, data=data, headers={**headers, "Content-Type": content_type},
+                                timeout=timeout)
+        except requests.ConnectionError:
+            if attempt == retries:
+                raise
+            delay = backoff * 2 ** attempt
+            print(f"   could not connect to {url}; retrying in {delay:.1f} s ({attempt + 1}/{retries})")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def verdict(answer: dict) -> str:
+    """`IDC Detected! (confidence 0.93)`: the confidence in the verdict given (P(IDC) for IDC,
+    1 - P(IDC) for no IDC, as inception_test.py prints it), then P(IDC) itself."""
+    p = float(answer["Confidence"])
+    confidence = p if answer["Results"] == 1 else 1 - p
+    return (f"{answer['ResponseMessage']} (confidence {confidence:.2f}, P(IDC) {p:.4f})"
+            + ("  -- needs human review" if answer.get("NeedsReview") else ""))
+
+
+def reason(err: Exception) -> str:
+    """The useful part of a requests error, e.g. "[Errno 111] Connection refused"."""
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(err))
+    return found.group(0).strip() if found else str(err)
+
+
+def is_answer(answer) -> bool:
+    """A well-formed success answer of the API."""
+    return (isinstance(answer, dict) and answer.get("Response") == "OK" and answer.get("Results") in (0, 1)
+            and isinstance(answer.get("Confidence"), (int, float)) and isinstance(answer.get("ResponseMessage"), str))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = None
+    if args.server is None or args.api_key is None or not args.images:
+        from idc.config import load_config
+        from idc.errors import ConfigError
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            print(f"error: {err} (or give --server, --api-key and the images)", file=sys.stderr)
+            return 2
+    url = infer_url(args.server or default_server(config))
+    api_key = args.api_key if args.api_key is not None else (config.Server.api_key if config else None)
+    images = collect(args.images) if args.images else [config.model_dir / "test" / n
+                                                       for n in ("positive.png", "negative.png")]
+    headers = {"X-API-Key": api_key} if api_key else {}
+    counts = {"IDC": 0, "no IDC": 0, "needs review": 0, "failed": 0}
+    started = time.perf_counter()
+    with requests.Session() as session:
+        for index, path in enumerate(images):
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                print(f"!! Could not read {path}: {err.strerror or err}")
+                counts["failed"] += 1
+                continue
+            print(f"-- Sent {path} ({len(data)} bytes) to {url}")
+            content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+            try:
+                response = post_image(session, url, data, content_type, headers,
+                                      args.timeout, args.retries, args.backoff)
+            except requests.ConnectionError as err:
+                unsent = len(images) - index
+                print(f"!! Request failed: could not connect to {url} ({reason(err)}) after {args.retries} "
+                      f"retries; {unsent} image(s) not sent")
+                counts["failed"] += unsent
+                break
+            except requests.RequestException as err:
+                print(f"!! Request failed: {type(err).__name__}: {reason(err)}")
+                counts["failed"] += 1
+                continue
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+            print(json.dumps(answer) if answer is not None else response.text[:500])
+            if response.status_code == 200 and is_answer(answer):
+                review = answer.get("NeedsReview", False)
+                print(verdict(answer))
+                counts["IDC" if answer["Results"] == 1 else "no IDC"] += 1
+                counts["needs review"] += bool(review)
+            else:
+                why = answer.get("ResponseMessage") if isinstance(answer, dict) else response.reason
+                print(f"!! FAILED ({response.status_code}): {why}")
+                counts["failed"] += 1
+    total = time.perf_counter() - started
+    print(f"-- Sent {len(images)} images in {total:.2f} s: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 1 if counts["failed"] or not images else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
