@@ -44,12 +44,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flask import Flask, Request, g, jsonify, request
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from idc.config import Config
-from idc.errors import ImageError
-from idc.preprocessing import ALLOWED_FORMATS
+from idc.errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 if TYPE_CHECKING:
     from idc.inference import Classifier
@@ -209,35 +208,14 @@ class ApiState:
             self.publisher.stop()
 
 
-def inspect_image(data: bytes, max_side: int) -> str:
-    """The image format, once the image is known to be safe to hand to the classifier: 400 when it
-    is not an image or is corrupt, 415 for a format other than PNG/JPEG/BMP/TIFF, 413 when it is
-    too large (checked from the header, before any pixel is decoded)."""
-    if not data:
-        raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ApiError(413, f"image too large: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
-                            f"(the limit is {max_side} px a side)") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, "not an image: send PNG or JPEG bytes") from None
-    except Exception as err:  # a header Pillow recognises but cannot parse: corrupt, by definition
-        raise ApiError(400, f"corrupt image data: {type(err).__name__}") from None
-    with image:
-        if image.format not in ALLOWED_FORMATS:
-            raise ApiError(415, f"unsupported image format {image.format}: use PNG, JPEG, BMP or TIFF")
-        width, height = image.size
-        if max(width, height) > max_side:
-            raise ApiError(413, f"image is {width}x{height} px; the limit is {max_side} px a side")
-        # Decode the pixels here, where any failure of a decoder on hostile data is a 400: Pillow
-        # raises more than the exceptions the shared decode_image() expects (e.g. OverflowError
-        # for a corrupt TIFF offset), and those must not become 500s.
-        try:
-            image.load()
-        except Exception as err:
-            raise ApiError(400, f"corrupt image data: {type(err).__name__}: {str(err)[:200]}") from None
-    return image.format
+def image_format(data: bytes) -> str:
+    """The format of an image already decoded successfully (read from its header only)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.format
+
+
+# The shared decoder's error types, as HTTP statuses.
+IMAGE_ERROR_STATUS = ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (ImageError, 400))
 
 
 def upload_bytes(req: Request) -> bytes:
@@ -333,18 +311,20 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
             raise ApiError(503, "model not loaded: train and compile it (trainer.py, compile_ncs.sh), "
                                 "then restart the server")
         data = upload_bytes(request)
-        image_format = inspect_image(data, state.max_side)
+        if not data:
+            raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
         try:
             prediction = state.classifier.classify(data)
         except ImageError as err:
-            raise ApiError(400, str(err)) from None
+            status = next(code for kind, code in IMAGE_ERROR_STATUS if isinstance(err, kind))
+            raise ApiError(status, str(err)) from None
         g.prediction = prediction
         try:
             state.publisher.publish_result(prediction.label, prediction.p_idc, prediction.needs_review)
         except Exception:  # the publisher never raises by contract; a broken one must not fail requests
             log.exception("MQTT: publishing the result failed")
         if state.archive is not None:
-            state.archive.add(data, image_format, prediction.label, prediction.p_idc, prediction.needs_review)
+            state.archive.add(data, image_format(data), prediction.label, prediction.p_idc, prediction.needs_review)
         return {
             "Response": "OK",
             "ResponseMessage": prediction.message,

@@ -39,8 +39,10 @@ class ClassifierSettings:
     test_time_augmentation: bool
     image_size: int
     batch_size: int
+    head_batch_size: int
     epochs: int
     learning_rate: float
+    l2_regularization: float
     early_stopping_patience: int
     class_weighting: bool
     fine_tune_blocks: int
@@ -54,6 +56,8 @@ class ClassifierSettings:
         _require(0.0 <= self.review_band < 0.5, "review_band", "must be in [0, 0.5)")
         _require(75 <= self.image_size <= 1024, "image_size", "Inception V3 needs 75..1024 px")
         _require(self.batch_size > 0, "batch_size", "must be positive")
+        _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
+        _require(self.l2_regularization >= 0, "l2_regularization", "must not be negative")
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(
             0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1

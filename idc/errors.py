@@ -22,4 +22,12 @@ class ModelNotFoundError(IDCError):
 
 
 class ImageError(IDCError):
-    """An image could not be decoded, or is not an acceptable image."""
+    """An image could not be decoded: not an image, or corrupt."""
+
+
+class UnsupportedImageError(ImageError):
+    """A readable image of a format we do not accept (only PNG, JPEG, BMP, TIFF)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image larger than the configured limit (or a decompression bomb)."""

@@ -165,17 +165,19 @@ def _hub_layer(handle: str):
         raise WeightsError(f"{path} is not a SavedModel with a serving_default signature: {err}") from None
 
 
-def build_head(feature_dim: int, train_features=None, dropout: float = 0.3):
-    """The new final layer: standardised features -> dropout -> 2-way softmax.
+def build_head(feature_dim: int, train_features=None, l2: float = 0.0):
+    """The new final layer: standardised features -> 2-way softmax, with L2 weight decay.
 
     The standardisation is adapted on the training features and saved with the model, so the
-    exported model needs no separate scaler."""
+    exported model needs no separate scaler. (On these features L2 generalised better to
+    held-out patients than dropout did.)"""
     inputs = keras.Input((feature_dim,), name="features")
     normalize = keras.layers.Normalization(name="standardize")
     if train_features is not None:
         normalize.adapt(train_features)
-    x = keras.layers.Dropout(dropout)(normalize(inputs))
-    outputs = keras.layers.Dense(2, activation="softmax", name="idc_softmax")(x)
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=regularizer,
+                                 name="idc_softmax")(normalize(inputs))
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from idc.errors import ImageError
+from idc.errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 # Formats a histology patch plausibly arrives in; anything else is refused before decoding.
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})
@@ -23,8 +23,9 @@ PAD_VALUE = 255
 def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.ndarray:
     """Decode a PNG/JPEG/BMP/TIFF (bytes or a path) into an RGB uint8 array (H, W, 3).
 
-    Raises ImageError with the reason for anything that is not a readable image, of another
-    format, or larger than `max_side` pixels on a side (checked before pixels are decoded).
+    Raises ImageError with the reason for anything that is not a readable image,
+    UnsupportedImageError for another format, and ImageTooLargeError for an image over
+    `max_side` pixels a side or a decompression bomb (both checked before pixels are decoded).
     """
     try:
         data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
@@ -35,16 +36,20 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ALLOWED_FORMATS:
-                raise ImageError(f"unsupported image format {image.format}; use PNG, JPEG, BMP or TIFF")
+                raise UnsupportedImageError(f"unsupported image format {image.format}; use PNG, JPEG, BMP or TIFF")
             if max_side is not None and max(image.size) > max_side:
-                raise ImageError(f"image is {image.size[0]}x{image.size[1]} px; the limit is {max_side} px a side")
+                raise ImageTooLargeError(
+                    f"image is {image.size[0]}x{image.size[1]} px; the limit is {max_side} px a side")
             return np.asarray(image.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ImageError(f"not a readable image: {err}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated / corrupt data
-        raise ImageError(f"corrupt image data: {err}") from None
+    except Image.DecompressionBombError as err:
+        limit = f"; the limit is {max_side} px a side" if max_side else ""
+        raise ImageTooLargeError(f"image too large, refused before decoding ({err}){limit}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image: send PNG or JPEG bytes") from None
+    except Exception as err:  # noqa: BLE001  decoders raise many types on hostile data: all mean corrupt
+        raise ImageError(f"corrupt image data: {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def resize_patch(image: np.ndarray, image_size: int) -> np.ndarray:

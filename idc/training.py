@@ -63,13 +63,13 @@ def train_head(config: Config, train_x, train_y, val_x=None, val_y=None):
 
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
-    head = build_head(train_x.shape[1], train_x)
+    head = build_head(train_x.shape[1], train_x, settings.l2_regularization)
     head.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     validation = (val_x, val_y) if val_x is not None and len(val_x) else None
     history = head.fit(
         train_x, train_y, validation_data=validation, epochs=settings.epochs,
-        batch_size=settings.batch_size, shuffle=True, verbose=2,
+        batch_size=settings.head_batch_size, shuffle=True, verbose=2,
         class_weight=class_weights(train_y) if settings.class_weighting else None,
         callbacks=_callbacks(config, "head", validation is not None),
     )
