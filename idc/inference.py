@@ -96,8 +96,12 @@ class OpenVINOClassifier(Classifier):
         model = core.read_model(xml)
         image_size = meta.get("image_size") or int(model.input(0).get_partial_shape()[1].get_length())
         super().__init__(image_size, threshold, review_band, max_side)
-        # LATENCY: the edge answers one image at a time, as fast as possible.
-        self.compiled = core.compile_model(model, device, {"PERFORMANCE_HINT": "LATENCY"})
+        # LATENCY: the edge answers one image at a time, as fast as possible. f32: CPUs with
+        # bfloat16 units would otherwise run FP32/FP16 IRs in bfloat16 and drift from TensorFlow.
+        properties = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.split(":")[0] == "CPU":
+            properties["INFERENCE_PRECISION_HINT"] = "f32"
+        self.compiled = core.compile_model(model, device, properties)
         self.device, self.xml, self.precision = device, Path(xml), meta.get("precision", "?")
         self.backend = f"openvino-{self.precision}"
         self._requests: queue.Queue = queue.Queue()

@@ -64,9 +64,10 @@ class MeanStdPooling(keras.layers.Layer):
     """Per-channel spatial mean and standard deviation: first- and second-order texture."""
 
     def call(self, x):
-        mean = ops.mean(x, axis=(1, 2))
-        std = ops.sqrt(ops.maximum(ops.mean(ops.square(x), axis=(1, 2)) - ops.square(mean), 0.0) + 1e-6)
-        return ops.concatenate([mean, std], axis=-1)
+        mean = ops.mean(x, axis=(1, 2), keepdims=True)
+        # Two passes (mean of squared deviations), not E[x^2] - E[x]^2: stable in reduced precision.
+        std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2)) + 1e-6)
+        return ops.concatenate([ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
 
 TOP_LAYER = "mixed10"
 WEIGHTS_HELP = (
