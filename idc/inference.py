@@ -134,8 +134,8 @@ class KerasClassifier(Classifier):
         self._lock = threading.Lock()
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return np.asarray(self.model(batch, training=False))[:, 1].astype(np.float32)
+        with self._lock:  # predict_on_batch runs a traced graph: much faster than eager calls
+            return np.asarray(self.model.predict_on_batch(batch))[:, 1].astype(np.float32)
 
     def describe(self) -> dict:
         return {**super().describe(), "device": "CPU (TensorFlow)", "model": str(self.path)}

@@ -8,7 +8,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def decide(p_idc: float | np.ndarray, threshold: float, review_band: float):
@@ -20,6 +19,8 @@ def decide(p_idc: float | np.ndarray, threshold: float, review_band: float):
 
 def classification_metrics(labels, p_idc, threshold: float) -> dict:
     """Accuracy, balanced accuracy, sensitivity, specificity, precision, F1 (IDC), ROC AUC."""
+    from sklearn import metrics as skm  # here, not at import: the edge server only needs decide()
+
     y = np.asarray(labels, dtype=int)
     p = np.asarray(p_idc, dtype=float)
     pred = (p >= threshold).astype(int)
@@ -82,6 +83,7 @@ def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn import metrics as skm
 
     y, p = np.asarray(labels), np.asarray(p_idc)
     written = []
