@@ -137,3 +137,36 @@ def test_compile_script_help():
     done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--precision", "FP8"], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 2 and "unknown precision" in done.stderr
+
+
+def test_inception_test_publishes_results_to_mqtt(compiled, mosquitto, make_config):
+    import dataclasses
+    import json
+
+    from tests.mosquitto import Probe
+
+    config, _ = compiled
+    probe = Probe(mosquitto, topics=["IDC/Devices/Lab/EdgeServer/#"])
+    try:
+        published = make_config(mosquitto, ClassifierSettings=dataclasses.asdict(config.classifier))
+        done = run_inception_test(published, "--precision", "FP16")
+        assert done.returncode == 0, done.stdout + done.stderr
+        sensors = [json.loads(p) for p in probe.received("IDC/Devices/Lab/EdgeServer/Sensors")]
+        warnings = [json.loads(p) for p in probe.received("IDC/Devices/Lab/EdgeServer/Warnings")]
+        assert sorted(s["Results"] for s in sensors) == [0, 1]
+        assert all(s["Sensor"] == "CCTV" and s["SensorValue"].startswith(f"IDC: {s['Results']} (Confidence: ")
+                   for s in sensors)
+        assert len(warnings) == 1 and warnings[0]["WarningValue"] == "RECOGNISED"
+    finally:
+        probe.close()
+
+
+def test_inception_test_with_the_broker_down_warns_but_succeeds(compiled, mosquitto, make_config):
+    import dataclasses
+
+    config, _ = compiled
+    published = make_config(mosquitto, ClassifierSettings=dataclasses.asdict(config.classifier))
+    mosquitto.stop()
+    done = run_inception_test(published, "--precision", "FP16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TASS Identified IDC" in done.stdout and "unreachable; results not published" in done.stdout
