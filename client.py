@@ -20,11 +20,11 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 import requests
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from idc.preprocessing import find_images
+
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
                  ".tif": "image/tiff", ".tiff": "image/tiff"}
 INFER = "/api/infer"
@@ -63,17 +63,6 @@ def default_server(config) -> str:
         host = f"[{host}]"
     scheme = "https" if settings.tls_cert else "http"
     return f"{scheme}://{host}:{settings.port}"
-
-
-def collect(paths: list[str]) -> list[Path]:
-    """The given files, and every image under the given folders (sorted)."""
-    found = []
-    for name in map(Path, paths):
-        if name.is_dir():
-            found += sorted(p for p in name.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found.append(name)
-    return found
 
 
 def post_image(session: requests.Session, url: str, data: bytes, content_type: str, headers: dict,
@@ -127,7 +116,7 @@ def main(argv=None) -> int:
             return 2
     url = infer_url(args.server or default_server(config))
     api_key = args.api_key if args.api_key is not None else (config.Server.api_key if config else None)
-    images = collect(args.images) if args.images else [config.model_dir / "test" / n
+    images = find_images(args.images) if args.images else [config.model_dir / "test" / n
                                                        for n in ("positive.png", "negative.png")]
     headers = {"X-API-Key": api_key} if api_key else {}
     counts = {"IDC": 0, "no IDC": 0, "needs review": 0, "failed": 0}

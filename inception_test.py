@@ -9,22 +9,8 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from pathlib import Path
 
 from idc import cli
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def collect(config, paths: list[str]) -> list[Path]:
-    """The given files, every image under the given folders, or the top of model/test/."""
-    if not paths:
-        return sorted(p for p in (config.model_dir / "test").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    found = []
-    for name in map(Path, paths):
-        found += sorted(p for p in name.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if name.is_dir() else [name]
-    return found
-
 
 def main() -> int:
     p = cli.parser(__doc__.strip().splitlines()[0])
@@ -39,12 +25,13 @@ def main() -> int:
 
         config = with_overrides(config, "OpenVINO", device=args.device)
     from idc.errors import ImageError
+    from idc.preprocessing import find_images
     from idc.inference import load_classifier
     from idc.mqtt import ResultPublisher
 
     classifier = load_classifier(config, args.precision, prefer_ir=not args.keras)
     print(f"-- Model: {classifier.describe()}")
-    images = collect(config, args.images)
+    images = find_images(args.images or sorted((config.model_dir / "test").glob("*.png")))
     if not images:
         print(f"error: no images to classify in {args.images or config.model_dir / 'test'}")
         return 2

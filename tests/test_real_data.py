@@ -4,7 +4,6 @@ reason where they are absent). CI runs them too."""
 import csv
 import os
 
-import numpy as np
 import pytest
 
 from idc import data
