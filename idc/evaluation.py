@@ -81,8 +81,14 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     predicted, review = metrics.decide(p, threshold, settings.review_band)
     result = metrics.classification_metrics(labels, p, threshold)
     patients = metrics.per_patient([x.patient for x in kept], labels, p, threshold)
-    result.update({"evaluated_on": name, "patients": len(patients), "skipped": len(skipped),
-                   "needs_review": int(review.sum()), "streaming_accuracy_at_0.5": float(((p >= 0.5) == labels).mean())})
+    false_negatives = (labels == 1) & (predicted == 0)
+    result.update({
+        "evaluated_on": name, "patients": len(patients), "skipped": len(skipped),
+        "needs_review": int(review.sum()),
+        # the article's second stage: how many of the missed IDC patches a human would still see
+        "false_negatives_flagged_for_review": int((false_negatives & review).sum()),
+        "streaming_accuracy_at_0.5": float(((p >= 0.5) == labels).mean()),
+    })
 
     rows = [{"file": str(x.path), "patient": x.patient, "x": x.x, "y": x.y, "label": x.label,
              "p_idc": round(float(pi), 6), "predicted": int(pr), "needs_review": bool(rv)}
@@ -113,7 +119,8 @@ def summary(result: dict) -> str:
              f"({result['evaluated_on']}) at threshold {result['threshold']}:"]
     lines += [f"  {n:<18} {result[n]:.4f}" for n in names]
     lines.append(f"  confusion matrix   TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}")
-    lines.append(f"  needs review       {result['needs_review']}")
+    lines.append(f"  needs review       {result['needs_review']} patches, holding "
+                 f"{result['false_negatives_flagged_for_review']} of the {cm['fn']} false negatives")
     return "\n".join(lines)
 
 
