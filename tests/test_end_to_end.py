@@ -162,9 +162,11 @@ def test_client_and_alarm_scripts_as_processes(edge, mosquitto, tiny_project, tm
         log_text = log_path.read_text()
         # The mock pins log every change: red and buzzer on for IDC, then blue on and red off.
         pin_changes = [line.split("pin ", 1)[1] for line in log_text.splitlines() if " pin GPIO" in line]
-        assert pin_changes[:2] == ["GPIO17 (red LED) -> HIGH", "GPIO22 (buzzer) -> HIGH"], log_text
-        assert {"GPIO17 (red LED) -> LOW", "GPIO22 (buzzer) -> LOW", "GPIO27 (blue LED) -> HIGH"} <= set(pin_changes)
-        assert pin_changes[-1] == "GPIO27 (blue LED) -> HIGH", log_text
+        red, blue, buzzer = (f"GPIO{config.Alarm.red_led_pin} (red LED)", f"GPIO{config.Alarm.blue_led_pin} (blue LED)",
+                             f"GPIO{config.Alarm.buzzer_pin} (buzzer)")
+        assert pin_changes[:2] == [f"{red} -> HIGH", f"{buzzer} -> HIGH"], log_text
+        assert {f"{red} -> LOW", f"{buzzer} -> LOW", f"{blue} -> HIGH"} <= set(pin_changes), log_text
+        assert pin_changes[-1] == f"{blue} -> HIGH", log_text
         assert "Traceback" not in log_text
         alarm.terminate()
         assert alarm.wait(timeout=10) == 0, log_path.read_text()  # a clean stop on SIGTERM
