@@ -23,7 +23,7 @@ import time
 
 import requests
 
-from idc.preprocessing import find_images
+from idc.files import find_images
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
                  ".tif": "image/tiff", ".tiff": "image/tiff"}

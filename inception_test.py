@@ -25,7 +25,7 @@ def main() -> int:
 
         config = with_overrides(config, "OpenVINO", device=args.device)
     from idc.errors import ImageError
-    from idc.preprocessing import find_images
+    from idc.files import find_images
     from idc.inference import load_classifier
     from idc.mqtt import ResultPublisher
 

@@ -16,7 +16,6 @@ from idc.errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 # Formats a histology patch plausibly arrives in; anything else is refused before decoding.
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # Slide background is white: short edge patches are padded with it, not stretched.
 PAD_VALUE = 255
 
@@ -78,13 +77,3 @@ def load_batch(paths: list[str | Path], image_size: int) -> np.ndarray:
     """Decode and preprocess a list of image files in one go."""
     return preprocess([decode_image(path) for path in paths], image_size)
 
-
-def find_images(paths: list[str | Path]) -> list[Path]:
-    """The given files, and every image under the given folders (sorted), for the scripts."""
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found.append(path)
-    return found
