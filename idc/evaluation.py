@@ -94,8 +94,8 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
              "p_idc": round(float(pi), 6), "predicted": int(pr), "needs_review": bool(rv)}
             for x, pi, pr, rv in zip(kept, p, predicted, review)]
     metrics.write_predictions(report_dir / "predictions.csv", rows)
-    metrics.write_predictions(report_dir / "false_negatives.csv", [r for r in rows if r["label"] == 1 and not r["predicted"]])
-    metrics.write_predictions(report_dir / "false_positives.csv", [r for r in rows if r["label"] == 0 and r["predicted"]])
+    for name, label in (("false_negatives.csv", 1), ("false_positives.csv", 0)):
+        metrics.write_predictions(report_dir / name, [r for r in rows if r["label"] == label and r["predicted"] != label])
     with (report_dir / "per_patient.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(patients[0]))
         writer.writeheader()

@@ -113,7 +113,7 @@ def build_trunk(weights: str, image_size: int, feature_layers: list[str], poolin
             features = _pool(features, pooling, "pool")
     else:
         base = _inception_v3(weights, image_size)
-        names = [l.name for l in base.layers]
+        names = [layer.name for layer in base.layers]
         unknown = [name for name in feature_layers if name not in names]
         if unknown:
             mixed = [n for n in names if n.startswith("mixed") and "_" not in n]

@@ -111,12 +111,12 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
     import keras
 
     settings = config.classifier
-    inner = next((l for l in trunk.layers if isinstance(l, keras.Model)), None)
+    inner = next((layer for layer in trunk.layers if isinstance(layer, keras.Model)), None)
     if inner is None:
         log.warning("fine-tuning needs a keras.applications trunk; skipped")
         return None
     trunk.trainable = True
-    mixed = [l.name for l in inner.layers if l.name.startswith("mixed") and "_" not in l.name]
+    mixed = [layer.name for layer in inner.layers if layer.name.startswith("mixed") and "_" not in layer.name]
     first = mixed[-settings.fine_tune_blocks - 1] if settings.fine_tune_blocks < len(mixed) else None
     trainable = first is None
     for layer in inner.layers:
