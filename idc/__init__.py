@@ -1,5 +1,7 @@
 """IDC Classifier: invasive ductal carcinoma detection, from patient-sorted data to the edge.
 
-Modules: config (confs.json), data (dataset sorting), preprocessing, model (Inception V3
-transfer learning), bottleneck (feature cache), training, metrics, evaluation.
+config (confs.json), data (patient-level sorting), preprocessing (THE preprocessing),
+model (Inception V3 transfer learning), bottleneck (feature cache), training, metrics,
+evaluation, edge_compile (OpenVINO IR), inference (the engine), api (the Flask app),
+mqtt (IoT JumpWay wiring), alarm (the Raspberry Pi alarm), files, cli, errors.
 """
