@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from idc import bottleneck, data
@@ -40,8 +41,6 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
 
 
 def _callbacks(config: Config, phase: str, monitor_val: bool):
-    import keras
-
     out = config.model_dir
     patience = config.classifier.early_stopping_patience
     callbacks = [
@@ -59,8 +58,6 @@ def _callbacks(config: Config, phase: str, monitor_val: bool):
 
 def train_head(config: Config, train_x, train_y, val_x=None, val_y=None):
     """Fit the new softmax layer (with feature standardisation) on bottleneck features."""
-    import keras
-
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     head = build_head(train_x.shape[1], train_x, settings.l2_regularization)
@@ -76,40 +73,35 @@ def train_head(config: Config, train_x, train_y, val_x=None, val_y=None):
     return head, history.history
 
 
-class AugmentedImages:
-    """Batches of preprocessed images with random flips and 90-degree rotations (fine-tuning)."""
+class AugmentedImages(keras.utils.PyDataset):
+    """Batches of preprocessed images, with random flips and 90-degree rotations (fine-tuning)."""
 
     def __init__(self, images: list[np.ndarray], labels: np.ndarray, batch_size: int, image_size: int,
                  seed: int, augment: bool):
-        import keras
+        super().__init__()
+        self.images, self.labels, self.augment = images, labels, augment
+        self.batch_size, self.image_size = batch_size, image_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(images)) if augment else np.arange(len(images))
 
-        class _Sequence(keras.utils.PyDataset):
-            def __len__(inner):
-                return int(np.ceil(len(images) / batch_size))
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.images) / self.batch_size))
 
-            def __getitem__(inner, index):
-                rows = order[index * batch_size:(index + 1) * batch_size]
-                batch = [images[i] for i in rows]
-                if augment:
-                    batch = [np.rot90(im[:, ::-1] if rng.random() < 0.5 else im, rng.integers(4)) for im in batch]
-                return preprocess(batch, image_size), labels[rows]
+    def __getitem__(self, index: int):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = [self.images[i] for i in rows]
+        if self.augment:
+            batch = [np.rot90(im[:, ::-1] if self.rng.random() < 0.5 else im, self.rng.integers(4)) for im in batch]
+        return preprocess(batch, self.image_size), self.labels[rows]
 
-            def on_epoch_end(inner):
-                if augment:
-                    rng.shuffle(order)
-
-        rng = np.random.default_rng(seed)
-        order = np.arange(len(images))
-        if augment:
-            rng.shuffle(order)
-        self.sequence = _Sequence()
+    def on_epoch_end(self) -> None:
+        if self.augment:
+            self.rng.shuffle(self.order)
 
 
 def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], validation: list[data.Patch]):
     """Unfreeze the top `fine_tune_blocks` Inception blocks under the feature layer and train
     the whole model end to end at a low learning rate, with augmentation."""
-    import keras
-
     settings = config.classifier
     inner = next((layer for layer in trunk.layers if isinstance(layer, keras.Model)), None)
     if inner is None:
@@ -127,9 +119,9 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
     labels = lambda ps: np.array([p.label for p in ps])  # noqa: E731
     load = lambda ps: [decode_image(p.path) for p in ps]  # noqa: E731
     train_data = AugmentedImages(load(train), labels(train), settings.batch_size, settings.image_size,
-                                 settings.random_seed, augment=True).sequence
+                                 settings.random_seed, augment=True)
     val_data = AugmentedImages(load(validation), labels(validation), settings.batch_size,
-                               settings.image_size, settings.random_seed, augment=False).sequence
+                               settings.image_size, settings.random_seed, augment=False)
     classifier.compile(optimizer=keras.optimizers.Adam(settings.fine_tune_learning_rate),
                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     history = classifier.fit(
@@ -187,8 +179,7 @@ def train(config: Config, trunk=None) -> dict:
     classifier.save(model_path(config))
     (out / "classes.txt").write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
     record = {
-        "model": str(model_path(config).relative_to(config.root)) if model_path(config).is_relative_to(config.root)
-        else str(model_path(config)),
+        "model": str(model_path(config)),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "bottleneck_seconds": round(bottleneck_seconds, 1),
@@ -209,7 +200,6 @@ def train(config: Config, trunk=None) -> dict:
 
 
 def _versions() -> dict:
-    import keras
     import tensorflow as tf
 
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__}
