@@ -343,7 +343,6 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
             "ResponseMessage": "ready" if model["loaded"] else "model not loaded",
             "model": model,
             "mqtt": mqtt,
-            "mqtt_dropped": mqtt.get("dropped"),
             "uptime_seconds": round(time.monotonic() - state.started, 3),
             "requests": state.counts,
             "auth_required": state.auth_required,

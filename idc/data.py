@@ -103,6 +103,10 @@ def assign_splits(patches: list[Patch], *, validation_fraction: float, test_frac
         assignment = patient_split(patients, validation_fraction, test_fraction, seed)
     else:
         assignment = {p: patients_file.get(p, "unlisted") for p in set(patients)}
+        unlisted = sorted(p for p, s in assignment.items() if s == "unlisted")
+        if unlisted:
+            log.warning("%d patients are not in the patients file and are left out: %s",
+                        len(unlisted), ", ".join(unlisted[:10]) + (" ..." if len(unlisted) > 10 else ""))
         train = [p for p, s in assignment.items() if s == "train"]
         if validation_fraction and not any(s == "validation" for s in assignment.values()):
             assignment.update(patient_split(train, validation_fraction, 0.0, seed))

@@ -98,7 +98,7 @@ def check_parity(config: Config, precisions: list[str], samples: int = 500, echo
     images, labels = _images(patches, samples, settings.random_seed)
     keras_model = load_keras_model(model_path(config))
     batch = preprocess(images, int(keras_model.input_shape[1]))
-    reference = np.concatenate([np.asarray(keras_model(batch[i:i + 64], training=False))[:, 1]
+    reference = np.concatenate([np.asarray(keras_model.predict_on_batch(batch[i:i + 64]))[:, 1]
                                 for i in range(0, len(batch), 64)])
     threshold = settings.InceptionThreshold
     tf_metrics = classification_metrics(labels, reference, threshold)

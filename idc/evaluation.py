@@ -46,7 +46,7 @@ def predict_patches(model, patches: list[data.Patch], image_size: int, batch_siz
                 skipped.append((str(patch.path), str(err)))
         if not batch:
             continue
-        p = np.asarray(model(preprocess(images, image_size), training=False))[:, 1]
+        p = np.asarray(model.predict_on_batch(preprocess(images, image_size)))[:, 1]
         labels = np.array([x.label for x in batch])
         correct += int(((p >= 0.5) == labels).sum())
         seen += len(batch)

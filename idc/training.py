@@ -183,7 +183,7 @@ def train(config: Config, trunk=None) -> dict:
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "bottleneck_seconds": round(bottleneck_seconds, 1),
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": vars(settings),
         "trunk": {"weights": weights_id, "feature_dim": int(features["train"].shape[1])},
         "bottleneck_cache": cache_stats,
         "data": {split: {"patients": len({p.patient for p in ps}),

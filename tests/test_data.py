@@ -76,11 +76,11 @@ def test_balance_to_count_per_class(tmp_path):
     assert report.counts["test"][0] == 12  # held-out splits are never balanced
 
 
-def test_patients_file_maps_reference_splits(tmp_path):
-    make_dataset(tmp_path / "raw", patients=10, per_class=2)
+def test_patients_file_maps_reference_splits(tmp_path, caplog):
+    make_dataset(tmp_path / "raw", patients=11, per_class=2)
     listing = tmp_path / "patients.csv"
     rows = ["patient_id,reference_split"] + [f"{9000 + i},{'val' if i < 3 else 'train' if i < 8 else 'extra'}"
-                                              for i in range(10)]
+                                              for i in range(10)]  # patient 9010 is not listed
     listing.write_text("\n".join(rows) + "\n")
     patients = data.read_patients_file(listing, {"train": "train", "extra": "train", "val": "test"})
     data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.2, test_fraction=0.0,
@@ -89,6 +89,8 @@ def test_patients_file_maps_reference_splits(tmp_path):
     validation = {p.patient for p in data.read_manifest(tmp_path / "model", "validation")}
     assert test == {"9000", "9001", "9002"}
     assert len(validation) == 1 and not validation & test  # carved from train patients only
+    assert "9010" not in {p.patient for p in data.read_manifest(tmp_path / "model")}
+    assert "1 patients are not in the patients file and are left out: 9010" in caplog.text
     with pytest.raises(DatasetError, match="does not map"):
         data.read_patients_file(listing, {"train": "train"})
 

@@ -381,7 +381,7 @@ def test_health_reports_model_mqtt_and_counters(app_for, images):
     assert body["Response"] == "OK"
     assert body["model"] == {"loaded": True, "backend": "openvino-FP16", "device": "CPU", "precision": "FP16",
                              "image_size": 75, "threshold": 0.54, "review_band": 0.1}
-    assert body["mqtt"]["connected"] is True and body["mqtt_dropped"] == 7
+    assert body["mqtt"]["connected"] is True and body["mqtt"]["dropped"] == 7
     assert body["requests"] == {"served": 3, "ok": 2, "failed": 1}
     assert 0 <= body["uptime_seconds"] < 600 and body["auth_required"] is False
 
