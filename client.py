@@ -23,7 +23,7 @@ import time
 
 import requests
 
-from idc.files import find_images
+from idc.core.files import find_images
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
                  ".tif": "image/tiff", ".tiff": "image/tiff"}
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = None
     if args.server is None or args.api_key is None or not args.images:
-        from idc.config import load_config
-        from idc.errors import ConfigError
+        from idc.core.config import load_config
+        from idc.core.errors import ConfigError
 
         try:
             config = load_config(args.config)

@@ -41,7 +41,7 @@ case "$precision" in
   *) echo "unknown precision: $precision (FP32, FP16, INT8 or all)" >&2; exit 2 ;;
 esac
 
-"$PYTHON" -m idc.edge_compile --config "$config" "${precisions[@]}" "${device[@]}"
+"$PYTHON" -m idc.edge.compile --config "$config" "${precisions[@]}" "${device[@]}"
 test_precision=()
 [ -n "$precision" ] && [ "$precision" != all ] && test_precision=(--precision "$precision")
 "$PYTHON" inception_test.py --config "$config" "${test_precision[@]}" "${device[@]}"

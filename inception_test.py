@@ -3,6 +3,8 @@
 
   python inception_test.py                      # model/test/positive.png and negative.png
   python inception_test.py a.png some/folder/   # any files, or every image under folders
+
+Needs no TensorFlow when the IR is there (the Keras fallback does).
 """
 
 from __future__ import annotations
@@ -10,26 +12,29 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from idc import cli
+from idc.core import cli
+from idc.core.bundle import PRECISIONS
+
 
 def main() -> int:
     p = cli.parser(__doc__.strip().splitlines()[0])
     p.add_argument("images", nargs="*", help="image files or folders (default: model/test/*.png)")
-    p.add_argument("--precision", choices=["FP32", "FP16", "INT8"], help="IR to use (default: OpenVINO.precision)")
+    p.add_argument("--precision", type=str.upper, choices=PRECISIONS, help="IR to use (default: OpenVINO.precision)")
     p.add_argument("--device", help="OpenVINO device (default: OpenVINO.device)")
     p.add_argument("--keras", action="store_true", help="use the TensorFlow model instead of the IR")
+    cli.add_decision_rule_options(p)
     args = p.parse_args()
     config = cli.setup(args)
     if args.device:
-        from idc.config import with_overrides
+        from idc.core.config import with_overrides
 
         config = with_overrides(config, "OpenVINO", device=args.device)
-    from idc.errors import ImageError
-    from idc.files import find_images
-    from idc.inference import load_classifier
-    from idc.mqtt import ResultPublisher
+    from idc.core.errors import ImageError
+    from idc.core.files import find_images
+    from idc.edge.engine import load_classifier
+    from idc.iot.mqtt import ResultPublisher
 
-    classifier = load_classifier(config, args.precision, prefer_ir=not args.keras)
+    classifier = load_classifier(config, "keras" if args.keras else args.precision, args.threshold, args.review_band)
     print(f"-- Model: {classifier.describe()}")
     images = find_images(args.images or sorted((config.model_dir / "test").glob("*.png")))
     if not images:

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 
-from idc import cli
+from idc.core import cli
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
 
     from gpiozero.exc import BadPinFactory
 
-    from idc.alarm import Alarm, mock_pin_factory
+    from idc.iot.alarm import Alarm, mock_pin_factory
 
     mock = args.mock or os.environ.get("GPIOZERO_PIN_FACTORY", "").lower() == "mock"
     if mock:

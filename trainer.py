@@ -2,14 +2,36 @@
 """Sort the IDC dataset by patient, retrain Inception V3's final layer, export the model.
 
   python trainer.py sort    # dataset -> model/{train,validation,test}/{0,1} + manifest.csv
-  python trainer.py train   # bottlenecks (cached) -> new softmax head -> model/DevCloudIDC.keras
+  python trainer.py train   # bottlenecks (cached) -> new softmax head -> model/DevCloudIDC.keras + model.json
   python trainer.py all     # sort, train, then evaluate on the test patients
+
+Options given here are remembered in the model directory (trainer_options.json): a later
+`trainer.py train` or `trainer.py all` without them uses them again, and says so.
 """
 
 from __future__ import annotations
 
-from idc import cli
-from idc.config import with_overrides
+import json
+import logging
+from pathlib import Path
+
+from idc.core import cli
+from idc.core.config import with_overrides
+
+log = logging.getLogger("trainer")
+# option -> ClassifierSettings key
+OPTIONS = {"--data": "dataset_dir", "--patients-file": "patients_file", "--weights": "weights",
+           "--feature-layers": "feature_layers", "--image-size": "image_size",
+           "--samples-per-class": "samples_per_class"}
+
+
+def samples_per_class(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"must be a positive integer or 'all', not {value!r}") from None
 
 
 def main() -> int:
@@ -19,41 +41,51 @@ def main() -> int:
     p.add_argument("--patients-file", help="CSV of patient_id,reference_split (default: patients_file)")
     p.add_argument("--weights", help='"imagenet", a weights file, or a TF Hub handle / SavedModel dir')
     p.add_argument("--feature-layers", nargs="+", help="Inception V3 layers that feed the head (e.g. mixed0 mixed1)")
-    p.add_argument("--image-size", type=int, help="input size in pixels (the article: 299)")
-    p.add_argument("--samples-per-class", help='training patches per class, or "all"')
+    p.add_argument("--image-size", type=int, help="input size in pixels, 75..1024 (the article: 299)")
+    p.add_argument("--samples-per-class", type=samples_per_class, help='training patches per class, or "all"')
     p.add_argument("--model-dir", help="where artefacts go (default: model_dir)")
     args = p.parse_args()
     config = cli.setup(args)
-    overrides = {
-        "dataset_dir": args.data, "patients_file": args.patients_file, "weights": args.weights,
-        "feature_layers": args.feature_layers, "image_size": args.image_size, "model_dir": args.model_dir,
-        "samples_per_class": (args.samples_per_class if args.samples_per_class in (None, "all")
-                              else int(args.samples_per_class)),
-    }
-    config = with_overrides(config, "ClassifierSettings", **{k: v for k, v in overrides.items() if v is not None})
+    if args.model_dir:
+        config = with_overrides(config, "ClassifierSettings", model_dir=str(Path(args.model_dir).resolve()))
+    given = {key: getattr(args, option[2:].replace("-", "_")) for option, key in OPTIONS.items()}
+    given = {key: value for key, value in given.items() if value is not None}
+    for key in ("dataset_dir", "patients_file", "weights"):  # paths on the command line: from here
+        if key in given and (key != "weights" or Path(given[key]).exists()):
+            given[key] = str(Path(given[key]).resolve())
+    remembered = config.model.trainer_options
+    previous = json.loads(remembered.read_text()) if remembered.exists() else {}
+    reused = {key: value for key, value in previous.items() if key in OPTIONS.values() and key not in given}
+    for key, value in reused.items():
+        option = next(o for o, k in OPTIONS.items() if k == key)
+        log.info("using %s %s from the previous run (%s)", option, value, remembered)
+    flags = {key: option for option, key in OPTIONS.items()}
+    config = with_overrides(config, "ClassifierSettings", flags, **reused, **given)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    remembered.write_text(json.dumps({**reused, **given}, indent=2) + "\n")
 
     if args.step in ("sort", "all"):
         sort(config)
     if args.step in ("train", "all"):
-        from idc.training import train
+        from idc.training.train import train
 
         record = train(config)
         print(f"trained {record['model']} in {record['seconds']} s "
               f"({record['epochs_run']} epochs; bottlenecks {record['bottleneck_cache']})")
     if args.step == "all":
-        from idc.evaluation import evaluate
+        from idc.training.evaluation import evaluate
 
         evaluate(config, split="test")
     return 0
 
 
 def sort(config) -> None:
-    from idc import data
+    from idc.training import data
 
     s = config.classifier
     patients = (data.read_patients_file(config.resolve(s.patients_file), s.patients_file_splits)
                 if s.patients_file else None)
-    report = data.sort_dataset(config.resolve(s.dataset_dir), config.model_dir,
+    report = data.sort_dataset(config.resolve(s.dataset_dir), config.model,
                                validation_fraction=s.validation_fraction, test_fraction=s.test_fraction,
                                seed=s.random_seed, samples_per_class=s.samples_per_class,
                                patients_file=patients)

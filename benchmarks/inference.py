@@ -27,14 +27,13 @@ ENGINES = ("TensorFlow", "FP32", "FP16", "INT8")
 
 def worker(engine: str, config_path: str, images: list[bytes], pipe) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from idc.config import load_config
-    from idc.inference import load_classifier
-    from idc.preprocessing import decode_image
+    from idc.core.config import load_config
+    from idc.core.preprocessing import decode_image
+    from idc.edge.engine import load_classifier
 
     config = load_config(config_path)
-    classifier = load_classifier(config, None if engine == "TensorFlow" else engine,
-                                 prefer_ir=engine != "TensorFlow")
-    classifier.classify(images[0])  # warm-up: first-call graph/compile work is not steady state
+    classifier = load_classifier(config, "keras" if engine == "TensorFlow" else engine)
+    classifier.classify(images[0])  # one more warm-up on a real patch: steady state from here
     pipe.send(("ready", classifier.describe()))
     while True:
         command, *arguments = pipe.recv()
@@ -67,15 +66,15 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     args = p.parse_args()
 
-    from idc import data
-    from idc.config import load_config
-    from idc.inference import ir_path
+    from idc.core.bundle import Bundle
+    from idc.core.config import load_config
 
     config = load_config(args.config)
-    missing = [e for e in args.engines if e != "TensorFlow" and not ir_path(config, e).exists()]
+    missing = [e for e in args.engines if e != "TensorFlow" and not config.model.ir_xml(e).exists()]
     if missing:
         sys.exit(f"no IR for {', '.join(missing)}: run ./compile_ncs.sh --precision all first")
-    patches = data.read_manifest(config.model_dir, "test") or data.read_manifest(config.model_dir, "validation")
+    bundle = Bundle.load(config.model.root)
+    patches = config.model.read_manifest("test") or config.model.read_manifest("validation")
     images = [p.path.read_bytes() for p in patches[:200]]
 
     context = mp.get_context("spawn")  # a clean process per engine: nothing shared, own memory
@@ -113,7 +112,7 @@ def main() -> None:
         lat = latencies[engine]
         rows[engine] = {"b1_ips": len(lat) / sum(lat), "p50": pct(lat, 50), "p99": pct(lat, 99),
                         "bN_ips": statistics.median(throughput[engine]), "rss": peak[engine]}
-    print(f"\nimage size {config.classifier.image_size}, {os.cpu_count()} cores, "
+    print(f"\nimage size {bundle.image_size} (model.json), {os.cpu_count()} cores, "
           f"{args.rounds} rounds x {args.images} single images + {args.batches} batches of {args.batch}")
     print(f"{'engine':<11}{'batch-1 img/s':>14}{'p50 ms':>8}{'p99 ms':>8}{f'batch-{args.batch} img/s':>16}"
           f"{'peak RSS MB':>12}{'b1 x' + base:>16}{f'b{args.batch} x' + base:>16}")

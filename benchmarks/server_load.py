@@ -65,12 +65,12 @@ def free_port() -> int:
 
 def load_patches(model_dir: Path) -> list[bytes]:
     """The example patches model/test/*.png, then test-split patches of the manifest (bounded)."""
-    from idc import data
-    from idc.errors import DatasetError
+    from idc.core.bundle import ModelDir
+    from idc.core.errors import DatasetError
 
     paths = sorted((model_dir / "test").glob("*.png"))
     try:
-        paths += [p.path for p in data.read_manifest(model_dir, "test")[:MAX_TEST_PATCHES]]
+        paths += [p.path for p in ModelDir(model_dir, "").read_manifest("test")[:MAX_TEST_PATCHES]]
     except DatasetError:
         pass
     return [p.read_bytes() for p in paths if p.is_file()]
@@ -148,9 +148,8 @@ def main(argv=None) -> int:
     import psutil
     import requests
 
-    from idc.config import load_config
-    from idc.errors import ConfigError
-    from idc.inference import ir_path
+    from idc.core.config import load_config
+    from idc.core.errors import ConfigError
 
     try:
         config = load_config(args.config)
@@ -159,10 +158,10 @@ def main(argv=None) -> int:
         return 2
     model_dir = Path(args.model_dir).resolve() if args.model_dir else config.model_dir
     if args.model_dir:
-        from idc.config import with_overrides
+        from idc.core.config import with_overrides
 
         config = with_overrides(config, "ClassifierSettings", model_dir=str(model_dir))
-    xml = ir_path(config, args.precision)
+    xml = config.model.ir_xml(args.precision)
     if not xml.exists():
         print(f"No {args.precision} IR of a trained model at {xml}: nothing to measure. Train the model "
               f"(trainer.py) and compile it (./compile_ncs.sh --precision {args.precision}) first.")

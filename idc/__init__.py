@@ -1,7 +1,16 @@
 """IDC Classifier: invasive ductal carcinoma detection, from patient-sorted data to the edge.
 
-config (confs.json), data (patient-level sorting), preprocessing (THE preprocessing),
-model (Inception V3 transfer learning), bottleneck (feature cache), training, metrics,
-evaluation, edge_compile (OpenVINO IR), inference (the engine), api (the Flask app),
-mqtt (IoT JumpWay wiring), alarm (the Raspberry Pi alarm), files, cli, errors.
+The package is grouped by the machine that runs it, as the 2018 article's three devices:
+
+- `idc.core`: config (confs.json), errors, THE preprocessing, the model bundle (model.json and the
+  model directory's layout), the decision rule and metrics, command-line plumbing. Light: NumPy
+  and Pillow at most.
+- `idc.training` (the workstation or cluster): dataset sorting, bottleneck cache, Inception V3
+  transfer learning, training, evaluation and reports. TensorFlow.
+- `idc.edge` (the edge box): the inference engine, OpenVINO compilation, the HTTP API. Never
+  imports training code; serving an IR needs no TensorFlow.
+- `idc.iot` (the Raspberry Pi): MQTT wiring and the alarm. Needs neither NumPy, TensorFlow nor
+  OpenVINO.
 """
+
+__version__ = "0.3.0"

@@ -67,7 +67,7 @@ def make_config(tmp_path):
     (MQTT enabled) and with the given keys of each section changed, written to tmp_path and loaded."""
     import json
 
-    from idc.config import load_config
+    from idc.core.config import load_config
 
     def make(broker=None, name: str = "confs.json", **sections):
         raw = json.loads((ROOT / "confs.json").read_text())
@@ -98,15 +98,15 @@ def mock_pins():
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     """A project with a sorted synthetic dataset and a trained tiny model (trunk stand-in)."""
-    from idc import data
-    from idc.config import load_config
-    from idc.training import train
+    from idc.training import data
+    from idc.core.config import load_config
+    from idc.training.train import train
     from tests.synthetic import make_dataset, tiny_trunk, write_config
 
     tmp = tmp_path_factory.mktemp("project")
     make_dataset(tmp / "raw", patients=10, per_class=8)
     config = load_config(write_config(tmp, dataset_dir=str(tmp / "raw")))
-    data.sort_dataset(tmp / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=1)
+    data.sort_dataset(tmp / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=1)
     record = train(config, trunk=tiny_trunk())
     return config, record
 
@@ -116,11 +116,11 @@ def tiny_project(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_classifier(tiny_project):
     """The tiny project's model as the server loads it: FP16 OpenVINO IR (compiled once if absent)."""
-    from idc.edge_compile import compile_ir
-    from idc.inference import ir_path, load_classifier
+    from idc.edge.compile import compile_ir
+    from idc.edge.engine import load_classifier
 
     config, _ = tiny_project
-    if not ir_path(config, "FP16").exists():
+    if not config.model.ir_xml("FP16").exists():
         compile_ir(config, ["FP16"])
     return load_classifier(config, "FP16")
 
@@ -128,13 +128,13 @@ def tiny_classifier(tiny_project):
 @pytest.fixture
 def live_server():
     """live_server(app, config) -> "http://127.0.0.1:<port>": `app` on a real waitress server (the
-    production settings of idc.api.create_waitress_server) at a free port, run in a thread and
+    production settings of idc.edge.api.create_waitress_server) at a free port, run in a thread and
     shut down (threads joined, port closed) after the test."""
     import threading
 
     from waitress import wasyncore
 
-    from idc.api import create_waitress_server
+    from idc.edge.api import create_waitress_server
 
     running = []
 

@@ -1,4 +1,4 @@
-"""idc.alarm and iot_alarm.py: pins driven through gpiozero's mock factory, messages direct and over a real broker."""
+"""idc.iot.alarm and iot_alarm.py: pins driven through gpiozero's mock factory, messages direct and over a real broker."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from idc.alarm import IDC, IDLE, NO_IDC, REVIEW, Alarm
-from idc.mqtt import OFFLINE, ONLINE, ResultPublisher, encode, sensors_payload, warnings_payload
+from idc.iot.alarm import IDC, IDLE, NO_IDC, REVIEW, Alarm
+from idc.iot.mqtt import OFFLINE, ONLINE, ResultPublisher, encode, sensors_payload, warnings_payload
 from tests.mosquitto import Probe, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

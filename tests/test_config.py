@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from idc.config import DEFAULT_CONFIG, load_config, with_overrides
-from idc.errors import ConfigError
+from idc.core.config import DEFAULT_CONFIG, load_config, with_overrides
+from idc.core.errors import ConfigError
 
 
 def write(tmp_path, mutate):

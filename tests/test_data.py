@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from idc import data
-from idc.errors import DatasetError, ImageError
-from idc.preprocessing import decode_image, preprocess
+from idc.core.bundle import SPLITS, ModelDir
+from idc.training import data
+from idc.core.errors import DatasetError, ImageError
+from idc.core.preprocessing import decode_image, preprocess
 from tests.synthetic import make_dataset
 
 
@@ -30,16 +31,16 @@ def test_patient_split_is_seeded_and_disjoint():
     a = data.patient_split(patients, 0.2, 0.1, seed=1)
     assert a == data.patient_split(patients, 0.2, 0.1, seed=1)
     assert a != data.patient_split(patients, 0.2, 0.1, seed=2)
-    counts = {s: sum(v == s for v in a.values()) for s in data.SPLITS}
+    counts = {s: sum(v == s for v in a.values()) for s in SPLITS}
     assert counts == {"train": 70, "validation": 20, "test": 10}
 
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_sort_never_leaks_a_patient(tmp_path, flat):
     make_dataset(tmp_path / "raw", patients=12, per_class=5, flat=flat)
-    report = data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.25,
+    report = data.sort_dataset(tmp_path / "raw", ModelDir(tmp_path / "model", "m"), validation_fraction=0.25,
                                test_fraction=0.25, seed=3)
-    by_split = {s: {p.patient for p in data.read_manifest(tmp_path / "model", s)} for s in data.SPLITS}
+    by_split = {s: {p.patient for p in ModelDir(tmp_path / "model", "m").read_manifest(s)} for s in SPLITS}
     assert all(by_split.values())
     assert not (by_split["train"] & by_split["validation"]) and not (by_split["train"] & by_split["test"])
     assert not (by_split["validation"] & by_split["test"])
@@ -50,7 +51,7 @@ def test_sort_never_leaks_a_patient(tmp_path, flat):
     # the example images come from TEST patients and have the right class
     for name, label in (("positive.png", 1), ("negative.png", 0)):
         example = tmp_path / "model" / "test" / name
-        twins = [p for p in data.read_manifest(tmp_path / "model", "test")
+        twins = [p for p in ModelDir(tmp_path / "model", "m").read_manifest("test")
                  if p.path.read_bytes() == example.read_bytes()]
         assert twins and twins[0].label == label
 
@@ -61,7 +62,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     empty = raw / "9001" / "0" / "9001_idx5_x998_y998_class0.png"
     empty.write_bytes(b"")
-    report = data.sort_dataset(raw, tmp_path / "model", validation_fraction=0.25, test_fraction=0.25, seed=0)
+    report = data.sort_dataset(raw, ModelDir(tmp_path / "model", "m"), validation_fraction=0.25, test_fraction=0.25, seed=0)
     assert sorted(name for name, _ in report.skipped) == sorted([str(bad), str(empty)])
     assert sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6
     rows = list(csv.reader((tmp_path / "model" / "skipped.csv").open()))
@@ -70,7 +71,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path):
 
 def test_balance_to_count_per_class(tmp_path):
     make_dataset(tmp_path / "raw", patients=10, per_class=6)
-    report = data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.2,
+    report = data.sort_dataset(tmp_path / "raw", ModelDir(tmp_path / "model", "m"), validation_fraction=0.2,
                                test_fraction=0.2, seed=0, samples_per_class=10)
     assert report.counts["train"][0] == 10 and report.counts["train"][1] == 10
     assert report.counts["test"][0] == 12  # held-out splits are never balanced
@@ -83,13 +84,13 @@ def test_patients_file_maps_reference_splits(tmp_path, caplog):
                                               for i in range(10)]  # patient 9010 is not listed
     listing.write_text("\n".join(rows) + "\n")
     patients = data.read_patients_file(listing, {"train": "train", "extra": "train", "val": "test"})
-    data.sort_dataset(tmp_path / "raw", tmp_path / "model", validation_fraction=0.2, test_fraction=0.0,
+    data.sort_dataset(tmp_path / "raw", ModelDir(tmp_path / "model", "m"), validation_fraction=0.2, test_fraction=0.0,
                       seed=0, patients_file=patients)
-    test = {p.patient for p in data.read_manifest(tmp_path / "model", "test")}
-    validation = {p.patient for p in data.read_manifest(tmp_path / "model", "validation")}
+    test = {p.patient for p in ModelDir(tmp_path / "model", "m").read_manifest("test")}
+    validation = {p.patient for p in ModelDir(tmp_path / "model", "m").read_manifest("validation")}
     assert test == {"9000", "9001", "9002"}
     assert len(validation) == 1 and not validation & test  # carved from train patients only
-    assert "9010" not in {p.patient for p in data.read_manifest(tmp_path / "model")}
+    assert "9010" not in {p.patient for p in ModelDir(tmp_path / "model", "m").read_manifest()}
     assert "1 patients are not in the patients file and are left out: 9010" in caplog.text
     with pytest.raises(DatasetError, match="does not map"):
         data.read_patients_file(listing, {"train": "train"})

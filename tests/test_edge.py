@@ -7,14 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from idc import data
-from idc.config import with_overrides
-from idc.edge_compile import check_parity, compile_ir
-from idc.errors import ImageError
-from idc.evaluation import load_keras_model
-from idc.inference import DeviceError, KerasClassifier, OpenVINOClassifier, ir_path, load_classifier
-from idc.preprocessing import load_batch
-from idc.training import model_path
+from idc.core.config import with_overrides
+from idc.core.errors import DeviceError, ImageError
+from idc.core.keras_model import load_keras_model
+from idc.core.preprocessing import load_batch
+from idc.edge.compile import check_parity, compile_ir
+from idc.edge.engine import KerasClassifier, OpenVINOClassifier, load_classifier
 from tests.conftest import ROOT
 
 
@@ -29,7 +27,7 @@ def test_ir_files_written(compiled):
     config, paths = compiled
     for precision in ("FP16", "INT8"):
         xml = paths[precision]
-        assert xml == ir_path(config, precision)
+        assert xml == config.model.ir_xml(precision)
         assert xml.stat().st_size > 0 and xml.with_suffix(".bin").stat().st_size > 0
         assert (xml.parent / "model.json").exists()
     assert "FakeQuantize" in paths["INT8"].read_text() and "FakeQuantize" not in paths["FP16"].read_text()
@@ -45,23 +43,22 @@ def test_parity_with_tensorflow(compiled):
 
 def test_engine_matches_keras_on_test_patches(compiled):
     config, _ = compiled
-    settings = config.classifier
-    engine = OpenVINOClassifier(ir_path(config, "FP16"), "CPU", settings.InceptionThreshold, settings.review_band)
-    keras_engine = KerasClassifier(model_path(config), settings.InceptionThreshold, settings.review_band)
-    for patch in data.read_manifest(config.model_dir, "test")[:6]:
+    engine = OpenVINOClassifier(config.model.ir_xml("FP16"), "CPU")
+    keras_engine = KerasClassifier(config.model.keras_model)
+    for patch in config.model.read_manifest("test")[:6]:
         ov_result, tf_result = engine.classify(patch.path), keras_engine.classify(patch.path.read_bytes())
         assert ov_result.label == tf_result.label == patch.label
         assert abs(ov_result.p_idc - tf_result.p_idc) < 0.01
     # the same preprocessing as training: equal to the Keras model on load_batch()
-    paths = [p.path for p in data.read_manifest(config.model_dir, "test")[:4]]
-    reference = np.asarray(load_keras_model(model_path(config))(load_batch(paths, engine.image_size)))[:, 1]
+    paths = [p.path for p in config.model.read_manifest("test")[:4]]
+    reference = np.asarray(load_keras_model(config.model.keras_model)(load_batch(paths, engine.image_size)))[:, 1]
     np.testing.assert_allclose(engine._infer(load_batch(paths, engine.image_size)), reference, atol=0.01)
 
 
 def test_engine_is_thread_safe(compiled):
     config, _ = compiled
     engine = load_classifier(config, "INT8")
-    patches = data.read_manifest(config.model_dir, "test")
+    patches = config.model.read_manifest("test")
     expected = {p.path: engine.classify(p.path).p_idc for p in patches}
     errors = []
 
@@ -81,10 +78,12 @@ def test_engine_is_thread_safe(compiled):
 def test_review_flag_near_threshold(compiled):
     config, _ = compiled
     engine = load_classifier(config, "FP16")
-    for p, review in ((0.54, True), (0.60, True), (0.90, False), (0.05, False)):
+    assert engine.threshold == 0.54  # the bundle's, from training
+    # 0.52: between 0.5 and the threshold, so a rule that compared with 0.5 would say IDC.
+    for p, label, review in ((0.52, 0, True), (0.54, 1, True), (0.60, 1, True), (0.90, 1, False), (0.05, 0, False)):
         engine._infer = lambda batch, p=p: np.array([p], np.float32)
         result = engine.classify(config.model_dir / "test" / "positive.png")
-        assert result.needs_review is review and result.label == int(p >= 0.54)
+        assert (result.label, result.needs_review) == (label, review), p
 
 
 def test_bad_images_raise_image_error(compiled):

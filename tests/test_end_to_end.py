@@ -14,9 +14,9 @@ import sys
 import pytest
 import requests
 
-from idc.alarm import IDC, IDLE, NO_IDC, Alarm
-from idc.api import create_app
-from idc.mqtt import ONLINE, ResultPublisher, device_topic
+from idc.iot.alarm import IDC, IDLE, NO_IDC, Alarm
+from idc.edge.api import create_app
+from idc.iot.mqtt import ONLINE, ResultPublisher, device_topic
 from tests.conftest import ROOT
 from tests.mosquitto import Probe, wait_until
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from idc.errors import WeightsError
-from idc.model import WEIGHTS_HELP, build_trunk, describe_weights
+from idc.core.errors import WeightsError
+from idc.training.model import WEIGHTS_HELP, build_trunk, describe_weights
 from tests.synthetic import tiny_trunk
 
 

@@ -1,4 +1,4 @@
-"""idc.mqtt: payload formats, and the real behaviour against a real mosquitto broker."""
+"""idc.iot.mqtt: payload formats, and the real behaviour against a real mosquitto broker."""
 
 import datetime
 import json
@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from idc.errors import ConfigError
-from idc.mqtt import (
+from idc.core.errors import ConfigError
+from idc.iot.mqtt import (
     OFFLINE,
     ONLINE,
     DeviceConnection,

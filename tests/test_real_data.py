@@ -6,12 +6,13 @@ import os
 
 import pytest
 
-from idc import data
-from idc.config import load_config
-from idc.errors import WeightsError
-from idc.evaluation import evaluate
-from idc.model import build_trunk
-from idc.training import train
+from idc.core.bundle import SPLITS
+from idc.training import data
+from idc.core.config import load_config
+from idc.core.errors import WeightsError
+from idc.training.evaluation import evaluate
+from idc.training.model import build_trunk
+from idc.training.train import train
 from tests.conftest import SHARED_DATA, SHARED_PATIENTS, SHARED_WEIGHTS, require_shared
 from tests.synthetic import write_config
 
@@ -44,7 +45,7 @@ def real_project(tmp_path_factory):
     config = load_config(write_config(
         tmp, dataset_dir=str(raw), weights=str(SHARED_WEIGHTS), image_size=75, batch_size=32,
         head_batch_size=64, learning_rate=0.001, epochs=60, early_stopping_patience=10))
-    report = data.sort_dataset(raw, config.model_dir, validation_fraction=0.15, test_fraction=0.2, seed=3)
+    report = data.sort_dataset(raw, config.model, validation_fraction=0.15, test_fraction=0.2, seed=3)
     record = train(config)
     return config, report, record
 
@@ -53,7 +54,7 @@ def test_real_patches_sorted_by_patient(real_project):
     config, report, _ = real_project
     assert report.patients == {"train": 14, "validation": 3, "test": 4}
     assert not report.skipped
-    splits = {s: {p.patient for p in data.read_manifest(config.model_dir, s)} for s in data.SPLITS}
+    splits = {s: {p.patient for p in config.model.read_manifest(s)} for s in SPLITS}
     assert not splits["train"] & splits["test"] and not splits["validation"] & splits["test"]
 
 

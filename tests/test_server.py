@@ -1,4 +1,4 @@
-"""The HTTP API (idc.api, server.py): Flask's test client, and real waitress servers on 127.0.0.1."""
+"""The HTTP API (idc.edge.api, server.py): Flask's test client, and real waitress servers on 127.0.0.1."""
 
 import io
 import json
@@ -20,8 +20,8 @@ import pytest
 import requests
 from PIL import Image
 
-from idc.api import UploadArchive, create_app, create_tls_server
-from idc.mqtt import ResultPublisher
+from idc.edge.api import UploadArchive, create_app, create_tls_server
+from idc.iot.mqtt import ResultPublisher
 from tests.conftest import ROOT
 from tests.mosquitto import Probe, free_port, wait_until
 
@@ -55,7 +55,7 @@ def decompression_bomb(side: int = 6000) -> bytes:
 
 def tiff_with_overflowing_strip_offset() -> bytes:
     """A white TIFF whose StripOffsets entry claims type LONG8: Pillow reads 0xFF..FF as an offset and
-    raises OverflowError while decoding (not one of the errors idc.preprocessing.decode_image maps)."""
+    raises OverflowError while decoding (not one of the errors idc.core.preprocessing.decode_image maps)."""
     out = io.BytesIO()
     Image.new("RGB", (50, 50), (255, 255, 255)).save(out, "TIFF")
     tiff = bytearray(out.getvalue())
@@ -379,18 +379,22 @@ def test_health_reports_model_mqtt_and_counters(app_for, images):
     assert response.status_code == 200
     body = response.get_json()
     assert body["Response"] == "OK"
-    assert body["model"] == {"loaded": True, "backend": "openvino-FP16", "device": "CPU", "precision": "FP16",
-                             "image_size": 75, "threshold": 0.54, "review_band": 0.1}
+    model = body["model"]
+    assert {k: model[k] for k in ("loaded", "backend", "device", "precision", "image_size", "threshold",
+                                  "review_band", "decision_rule", "model_name")} == {
+        "loaded": True, "backend": "openvino-FP16", "device": "CPU", "precision": "FP16", "image_size": 75,
+        "threshold": 0.54, "review_band": 0.1, "decision_rule": "model.json", "model_name": "DevCloudIDC"}
+    assert len(model["data_fingerprint"]) == 12 and model["trained_at"] and "model" not in model
     assert body["mqtt"]["connected"] is True and body["mqtt"]["dropped"] == 7
     assert body["requests"] == {"served": 3, "ok": 2, "failed": 1}
     assert 0 <= body["uptime_seconds"] < 600 and body["auth_required"] is False
 
 
 def test_one_log_line_per_request(client, images, caplog):
-    caplog.set_level(logging.INFO, logger="idc.api")
+    caplog.set_level(logging.INFO, logger="idc.edge.api")
     post(client, images["positive"])
     post(client, b"nope")
-    lines = [r.getMessage() for r in caplog.records if r.name == "idc.api"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "idc.edge.api"]
     assert len(lines) == 2, lines
     assert f"POST /api/infer 200 bytes={len(images['positive'])} result=1 p=" in lines[0]
     assert "latency_ms=" in lines[0] and "POST /api/infer 400 bytes=4 error=" in lines[1]
@@ -658,7 +662,7 @@ def test_server_script_serves_and_stops_on_sigterm(tiny_project, tiny_classifier
             process.kill()
             process.wait(timeout=10)
     log_text = log_path.read_text()
-    assert "model: openvino-FP16 on CPU" in log_text and f"serving on http://127.0.0.1:{port}" in log_text
+    assert "model: DevCloudIDC openvino-FP16 on CPU" in log_text and "decision rule: threshold 0.54" in log_text and f"serving on http://127.0.0.1:{port}" in log_text
     assert "POST /api/infer 200" in log_text and "stopping" in log_text
 
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from idc import bottleneck, data
-from idc.config import load_config, with_overrides
-from idc.evaluation import evaluate
-from idc.training import class_weights, model_path, train
+from idc.training import bottleneck, data
+from idc.core.config import load_config, with_overrides
+from idc.training.evaluation import evaluate
+from idc.training.train import class_weights, train
 from tests.synthetic import make_dataset, patch_image, tiny_trunk, write_config
 
 
@@ -19,7 +19,7 @@ def trained(tiny_project):
 
 def test_training_exports_model_classes_and_record(trained):
     config, record = trained
-    assert model_path(config).exists()
+    assert config.model.keras_model.exists()
     assert (config.model_dir / "classes.txt").read_text() == "0 no IDC\n1 IDC\n"
     saved = json.loads((config.model_dir / "training.json").read_text())
     assert saved["data"]["train"]["patients"] == 6 and saved["data"]["validation"]["patients"] == 2
@@ -84,10 +84,10 @@ def test_cache_invalidated_by_changed_image_and_size(tmp_path):
 def test_fine_tune_phase_runs_and_exports(tmp_path):
     make_dataset(tmp_path / "raw", patients=5, per_class=4)
     config = load_config(write_config(tmp_path, epochs=3, fine_tune_blocks=1, fine_tune_epochs=1))
-    data.sort_dataset(tmp_path / "raw", config.model_dir, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
     record = train(config, trunk=tiny_trunk())
     assert len(record["fine_tune_history"]["loss"]) == 1
-    assert (config.model_dir / "history_fine_tune.csv").exists() and model_path(config).exists()
+    assert (config.model_dir / "history_fine_tune.csv").exists() and config.model.keras_model.exists()
 
 
 def test_class_weights_balance_the_loss():
@@ -104,7 +104,7 @@ def test_train_without_sorting_says_what_to_do(tmp_path):
 
 
 def test_views_match_between_numpy_and_the_model():
-    from idc.model import VIEWS, DihedralView, view_array
+    from idc.core.keras_model import VIEWS, DihedralView, view_array
 
     batch = np.random.default_rng(0).random((2, 5, 5, 3)).astype(np.float32)
     for view in VIEWS:
@@ -113,11 +113,11 @@ def test_views_match_between_numpy_and_the_model():
 
 
 def test_tta_model_averages_the_views(trained):
-    from idc.evaluation import load_keras_model
-    from idc.model import view_array
+    from idc.core.keras_model import load_keras_model
+    from idc.core.keras_model import view_array
 
     config, _ = trained
-    model = load_keras_model(model_path(config))
+    model = load_keras_model(config.model.keras_model)
     assert config.classifier.test_time_augmentation and model.get_layer("tta_mean")
     single = model.get_layer("head")
     trunk = model.get_layer("tiny_trunk")

@@ -12,62 +12,11 @@ import logging
 from pathlib import Path
 
 import keras
-import numpy as np
-from keras import ops
 
-from idc.errors import WeightsError
+from idc.core.errors import WeightsError
+from idc.core.keras_model import DihedralView, MeanStdPooling
 
 log = logging.getLogger(__name__)
-
-# Histology has no orientation: these views of a patch are equally valid. Training uses them as
-# augmentation (cached bottlenecks of each view); inference may average over them (TTA).
-VIEWS = ("identity", "hflip", "vflip", "rot90")
-
-
-def view_array(batch: np.ndarray, view: str) -> np.ndarray:
-    """One view of an image batch (N, H, W, C), in NumPy; the same as DihedralView."""
-    if view == "identity":
-        return batch
-    if view == "hflip":
-        return batch[:, :, ::-1]
-    if view == "vflip":
-        return batch[:, ::-1]
-    if view == "rot90":
-        return np.rot90(batch, 1, axes=(1, 2))
-    raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
-
-
-@keras.saving.register_keras_serializable(package="idc")
-class DihedralView(keras.layers.Layer):
-    """A flip or 90-degree rotation of an image batch, inside the model (for TTA)."""
-
-    def __init__(self, view: str, **kwargs):
-        super().__init__(**kwargs)
-        view_array(np.zeros((1, 1, 1, 1)), view)  # validates the name
-        self.view = view
-
-    def call(self, x):
-        if self.view == "hflip":
-            return ops.flip(x, axis=2)
-        if self.view == "vflip":
-            return ops.flip(x, axis=1)
-        if self.view == "rot90":
-            return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=1)
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), "view": self.view}
-
-
-@keras.saving.register_keras_serializable(package="idc")
-class MeanStdPooling(keras.layers.Layer):
-    """Per-channel spatial mean and standard deviation: first- and second-order texture."""
-
-    def call(self, x):
-        mean = ops.mean(x, axis=(1, 2), keepdims=True)
-        # Two passes (mean of squared deviations), not E[x^2] - E[x]^2: stable in reduced precision.
-        std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2)) + 1e-6)
-        return ops.concatenate([ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
 
 TOP_LAYER = "mixed10"
 WEIGHTS_HELP = (

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from idc.model import view_array
-from idc.preprocessing import decode_image, preprocess
+from idc.core.bundle import PREPROCESSING_VERSION
+from idc.core.keras_model import view_array
+from idc.core.preprocessing import decode_image, preprocess
 
 log = logging.getLogger(__name__)
-
-# Bump when preprocessing changes in a way that changes the pixels fed to the trunk.
-PREPROCESSING_VERSION = 1
 
 
 def trunk_key(weights_id: str, feature_layers: list[str], pooling: str, image_size: int,

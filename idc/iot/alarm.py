@@ -23,8 +23,8 @@ import paho.mqtt.client as paho
 from gpiozero import LED, Button, Buzzer
 from gpiozero.pins.mock import MockFactory, MockPin
 
-from idc.config import Config
-from idc.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, utc_timestamp
+from idc.core.config import Config
+from idc.iot.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, utc_timestamp
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Retrain the final layer on cached bottlenecks, optionally fine-tune the top blocks, export.
 
-Outputs in model_dir: <model_name>.keras (trunk + head, image in -> [P(no IDC), P(IDC)]),
-classes.txt, training.json (what was trained on what), logs/ (TensorBoard), history.csv,
-checkpoints/.
+Outputs in model_dir (paths from idc.core.bundle.ModelDir): <model_name>.keras (trunk + head,
+image in -> [P(no IDC), P(IDC)]), model.json (the bundle: what every consumer needs to use the
+model), classes.txt, training.json (what was trained on what), logs/ (TensorBoard),
+history_<phase>.csv, checkpoints/.
 """
 
 from __future__ import annotations
@@ -12,25 +13,18 @@ import logging
 import platform
 import time
 from collections import Counter
-from pathlib import Path
 
 import keras
 import numpy as np
 
-from idc import bottleneck, data
-from idc.config import Config
-from idc.errors import DatasetError
-from idc.model import build_classifier, build_head, build_trunk, describe_weights
-from idc.preprocessing import decode_image, preprocess
+from idc.training import bottleneck, data
+from idc.core.bundle import CLASS_NAMES, Bundle
+from idc.core.config import Config
+from idc.core.errors import DatasetError
+from idc.training.model import build_classifier, build_head, build_trunk, describe_weights
+from idc.core.preprocessing import decode_image, preprocess
 
 log = logging.getLogger(__name__)
-
-CLASS_NAMES = {0: "no IDC", 1: "IDC"}
-
-
-def model_path(config: Config) -> Path:
-    return config.model_dir / f"{config.classifier.model_name}.keras"
-
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
     """Inverse-frequency weights so that both classes count equally in the loss."""
@@ -41,18 +35,18 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
 
 
 def _callbacks(config: Config, phase: str, monitor_val: bool):
-    out = config.model_dir
+    model = config.model
     patience = config.classifier.early_stopping_patience
+    model.checkpoint(phase).parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        keras.callbacks.TensorBoard(log_dir=str(out / "logs" / phase)),
-        keras.callbacks.CSVLogger(str(out / f"history_{phase}.csv")),
-        keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / f"{phase}.keras"),
+        keras.callbacks.TensorBoard(log_dir=str(model.log_dir(phase))),
+        keras.callbacks.CSVLogger(str(model.history(phase))),
+        keras.callbacks.ModelCheckpoint(str(model.checkpoint(phase)),
                                         monitor="val_loss" if monitor_val else "loss", save_best_only=True),
     ]
     if monitor_val:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                                        restore_best_weights=True, verbose=1))
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     return callbacks
 
 
@@ -137,11 +131,11 @@ def train(config: Config, trunk=None) -> dict:
 
     `trunk` replaces the configured Inception V3 (tests pass a tiny stand-in)."""
     settings = config.classifier
-    out = config.model_dir
+    model = config.model
     started = time.time()
-    splits = {split: data.read_manifest(out, split) for split in ("train", "validation")}
+    splits = {split: model.read_manifest(split) for split in ("train", "validation")}
     if not splits["train"]:
-        raise DatasetError(f"no training patches in {out / 'manifest.csv'}: run `python trainer.py sort` first")
+        raise DatasetError(f"no training patches in {model.manifest}: run `python trainer.py sort` first")
 
     weights_id = describe_weights(settings.weights) if trunk is None else f"custom:{trunk.name}"
     if trunk is None:
@@ -154,7 +148,7 @@ def train(config: Config, trunk=None) -> dict:
         for view in views:
             key = bottleneck.trunk_key(weights_id, settings.feature_layers, settings.pooling,
                                        settings.image_size, view)
-            cache = bottleneck.BottleneckCache(out / "bottlenecks", key, view=view, description={
+            cache = bottleneck.BottleneckCache(model.bottlenecks, key, view=view, description={
                 "weights": weights_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
                 "image_size": settings.image_size, "view": view})
             if patches:
@@ -175,11 +169,17 @@ def train(config: Config, trunk=None) -> dict:
     if settings.test_time_augmentation:
         classifier = build_classifier(trunk, head, tuple(settings.train_views))
 
-    out.mkdir(parents=True, exist_ok=True)
-    classifier.save(model_path(config))
-    (out / "classes.txt").write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
+    model.root.mkdir(parents=True, exist_ok=True)
+    classifier.save(model.keras_model)
+    model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
+    bundle = Bundle.new(
+        model_name=settings.model_name, image_size=settings.image_size, feature_layers=list(settings.feature_layers),
+        pooling=settings.pooling, train_views=list(settings.train_views),
+        test_time_augmentation=settings.test_time_augmentation, threshold=settings.InceptionThreshold,
+        review_band=settings.review_band, weights=weights_id, data_fingerprint=model.fingerprint())
+    bundle.save(model.root)
     record = {
-        "model": str(model_path(config)),
+        "model": str(model.keras_model),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "bottleneck_seconds": round(bottleneck_seconds, 1),
@@ -195,7 +195,7 @@ def train(config: Config, trunk=None) -> dict:
                                                     for k, vs in fine_tune_history.items()},
         "versions": _versions(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=2))
+    model.training_record.write_text(json.dumps(record, indent=2))
     return record
 
 

@@ -10,7 +10,7 @@ class ConfigError(IDCError):
 
 
 class DatasetError(IDCError):
-    """The dataset folder is missing or holds no usable IDC patches."""
+    """The dataset folder is missing, holds no usable IDC patches, or a split is empty."""
 
 
 class WeightsError(IDCError):
@@ -31,3 +31,15 @@ class UnsupportedImageError(ImageError):
 
 class ImageTooLargeError(ImageError):
     """An image larger than the configured limit (or a decompression bomb)."""
+
+
+class DeviceError(IDCError):
+    """The requested OpenVINO device is not present on this machine."""
+
+
+class ParityError(IDCError):
+    """A compiled model disagrees with TensorFlow more than allowed."""
+
+
+class ListenError(IDCError):
+    """The server cannot listen on its address (a port in use, an address not on this machine)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import hmac
 import io
 import logging
@@ -43,15 +44,15 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flask import Flask, Request, g, jsonify, request
+from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from idc.config import Config
-from idc.errors import ImageError, ImageTooLargeError, UnsupportedImageError
+from idc.core.config import Config
+from idc.core.errors import ImageError, ImageTooLargeError, ListenError, UnsupportedImageError
 
 if TYPE_CHECKING:
-    from idc.inference import Classifier
+    from idc.edge.engine import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,8 @@ class ApiState:
         if self.classifier is None:
             return {"loaded": False}
         described = self.classifier.describe()
-        # Backend, device, input size and threshold; not the model's path on disk.
-        info = {key: described[key] for key in ("backend", "device", "precision", "image_size", "threshold")
-                if key in described}
-        return {"loaded": True, **info, "review_band": getattr(self.classifier, "review_band", None)}
+        # What the model is and which decision rule applies; not the model's path on disk.
+        return {"loaded": True, **{key: value for key, value in described.items() if key != "model"}}
 
     def close(self) -> None:
         """Stop the MQTT publisher if the app created it."""
@@ -233,19 +232,76 @@ def upload_bytes(req: Request) -> bytes:
                         "application/octet-stream content type, or as multipart field 'file'")
 
 
+bp = Blueprint("api", __name__)
+
+
+def _state() -> ApiState:
+    return current_app.extensions["idc"]
+
+
+@bp.post(INFER)
+def infer():
+    state = _state()
+    state.authorize(request.headers)
+    if state.classifier is None:
+        raise ApiError(503, "model not loaded: train and compile it (trainer.py, compile_ncs.sh), "
+                            "then restart the server")
+    data = upload_bytes(request)
+    if not data:
+        raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
+    try:
+        prediction = state.classifier.classify(data)
+    except ImageError as err:
+        status = next(code for kind, code in IMAGE_ERROR_STATUS if isinstance(err, kind))
+        raise ApiError(status, str(err)) from None
+    g.prediction = prediction
+    try:
+        state.publisher.publish_result(prediction.label, prediction.p_idc, prediction.needs_review)
+    except Exception:  # the publisher never raises by contract; a broken one must not fail requests
+        log.exception("MQTT: publishing the result failed")
+    if state.archive is not None:
+        state.archive.add(data, image_format(data), prediction.label, prediction.p_idc, prediction.needs_review)
+    return {
+        "Response": "OK",
+        "ResponseMessage": prediction.message,
+        "Results": prediction.label,
+        "Confidence": float(prediction.p_idc),  # unrounded: consistent with Results at the threshold
+        "NeedsReview": prediction.needs_review,
+        "Seconds": round(prediction.seconds, 6),
+    }
+
+
+@bp.get(HEALTH)
+def health():
+    state = _state()
+    model = state.model_info()
+    body = {
+        "Response": "OK" if model["loaded"] else "FAILED",
+        "ResponseMessage": "ready" if model["loaded"] else "model not loaded",
+        "model": model,
+        "mqtt": state.mqtt_status(),
+        "uptime_seconds": round(time.monotonic() - state.started, 3),
+        "requests": state.counts,
+        "auth_required": state.auth_required,
+        "max_upload_bytes": state.config.Server.max_upload_bytes,
+        "max_image_side": state.max_side,
+    }
+    return body, 200 if model["loaded"] else 503
+
+
 def create_app(config: Config, classifier: Classifier | None = None, publisher=None) -> Flask:
     """The Flask app serving `classifier` (None: not loaded, /api/infer answers 503).
 
-    `publisher` receives every result (an idc.mqtt.ResultPublisher or alike); when None, the app
-    makes and starts its own from the config (it does nothing while IoTJumpWay.enabled is false),
-    stopped by `app.extensions["idc"].close()`.
+    `publisher` receives every result (an idc.iot.mqtt.ResultPublisher or alike); when None, the
+    app makes and starts its own from the config (it does nothing while IoTJumpWay.enabled is
+    false), stopped by `app.extensions["idc"].close()`.
     """
     server = config.Server
     if server.api_key == "":
         log.warning("Server.api_key is an empty string: no API key is required")
     owns_publisher = publisher is None
     if publisher is None:
-        from idc.mqtt import ResultPublisher
+        from idc.iot.mqtt import ResultPublisher
 
         publisher = ResultPublisher(config).start()
     # Pillow's decompression-bomb guard (process-wide): warn above the largest accepted image and
@@ -260,6 +316,7 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
     app.json.sort_keys = False  # keep the contract's field order: Response first
     state = ApiState(config, classifier, publisher, owns_publisher)
     app.extensions["idc"] = state
+    app.register_blueprint(bp)
 
     @app.before_request
     def start_timer():
@@ -304,53 +361,6 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
         g.error = "internal server error"
         return failed(500, "internal server error: the fault is logged on the server")
 
-    @app.post(INFER)
-    def infer():
-        state.authorize(request.headers)
-        if state.classifier is None:
-            raise ApiError(503, "model not loaded: train and compile it (trainer.py, compile_ncs.sh), "
-                                "then restart the server")
-        data = upload_bytes(request)
-        if not data:
-            raise ApiError(400, "empty body: send the image bytes (PNG or JPEG), or a multipart field 'file'")
-        try:
-            prediction = state.classifier.classify(data)
-        except ImageError as err:
-            status = next(code for kind, code in IMAGE_ERROR_STATUS if isinstance(err, kind))
-            raise ApiError(status, str(err)) from None
-        g.prediction = prediction
-        try:
-            state.publisher.publish_result(prediction.label, prediction.p_idc, prediction.needs_review)
-        except Exception:  # the publisher never raises by contract; a broken one must not fail requests
-            log.exception("MQTT: publishing the result failed")
-        if state.archive is not None:
-            state.archive.add(data, image_format(data), prediction.label, prediction.p_idc, prediction.needs_review)
-        return {
-            "Response": "OK",
-            "ResponseMessage": prediction.message,
-            "Results": prediction.label,
-            "Confidence": float(prediction.p_idc),  # unrounded: consistent with Results at the threshold
-            "NeedsReview": prediction.needs_review,
-            "Seconds": round(prediction.seconds, 6),
-        }
-
-    @app.get(HEALTH)
-    def health():
-        model = state.model_info()
-        mqtt = state.mqtt_status()
-        body = {
-            "Response": "OK" if model["loaded"] else "FAILED",
-            "ResponseMessage": "ready" if model["loaded"] else "model not loaded",
-            "model": model,
-            "mqtt": mqtt,
-            "uptime_seconds": round(time.monotonic() - state.started, 3),
-            "requests": state.counts,
-            "auth_required": state.auth_required,
-            "max_upload_bytes": server.max_upload_bytes,
-            "max_image_side": state.max_side,
-        }
-        return body, 200 if model["loaded"] else 503
-
     return app
 
 
@@ -361,6 +371,13 @@ def create_waitress_server(app: Flask, config: Config, host: str | None = None, 
 
     Bodies over max_upload_bytes + 1 MiB are refused by waitress itself (plain-text 413), so a
     client cannot make the server buffer more than that; smaller ones reach Flask's JSON 413.
+
+    Idle connections cannot starve the server: waitress stops accepting at `connection_limit`
+    open connections, and a connection without a request in progress is closed after
+    `idle_timeout` seconds of silence (checked every quarter of it). waitress's defaults (100
+    connections, 120 s) let 100 idle sockets, from a broken client or a port scanner, silence
+    the classifier for two minutes. poll() instead of select(): select cannot watch descriptors
+    above 1023, which a high connection limit reaches.
     """
     import waitress
 
@@ -370,6 +387,10 @@ def create_waitress_server(app: Flask, config: Config, host: str | None = None, 
         host=server.host if host is None else host,
         port=server.port if port is None else port,
         threads=server.threads,
+        connection_limit=server.connection_limit,
+        channel_timeout=server.idle_timeout,
+        cleanup_interval=max(1, server.idle_timeout // 4),
+        asyncore_use_poll=True,
         max_request_body_size=server.max_upload_bytes + WAITRESS_BODY_SLACK,
         ident="IDC-Classifier",
         clear_untrusted_proxy_headers=True,
@@ -409,10 +430,18 @@ def create_tls_server(app: Flask, config: Config, host: str | None = None, port:
 
 
 def serve(app: Flask, config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve `app` until KeyboardInterrupt/SystemExit (e.g. from a SIGTERM handler)."""
+    """Serve `app` until KeyboardInterrupt/SystemExit (e.g. from a SIGTERM handler).
+
+    Raises ListenError (one clear line) when the address cannot be bound, e.g. a port in use."""
     settings = config.Server
+    address = f"{settings.host if host is None else host}:{settings.port if port is None else port}"
+    try:
+        server = (create_tls_server if settings.tls_cert else create_waitress_server)(app, config, host, port)
+    except OSError as err:
+        hint = (" (is another server.py running? stop it, or choose another --port / Server.port)"
+                if err.errno == errno.EADDRINUSE else "")
+        raise ListenError(f"cannot listen on {address}: {err.strerror or err}{hint}") from None
     if settings.tls_cert:
-        server = create_tls_server(app, config, host, port)
         log.warning("serving HTTPS with werkzeug's threaded server (waitress has no TLS); for a production "
                     "edge box put a TLS-terminating reverse proxy in front of waitress instead")
         log.info("serving on https://%s:%s (POST %s, GET %s)", *server.server_address[:2], INFER, HEALTH)
@@ -423,7 +452,6 @@ def serve(app: Flask, config: Config, host: str | None = None, port: int | None 
         finally:
             server.server_close()
         return
-    server = create_waitress_server(app, config, host, port)
     log.info("serving on http://%s:%s with waitress, %d threads (POST %s, GET %s)",
              server.effective_host, server.effective_port, settings.threads, INFER, HEALTH)
     server.run()  # returns after KeyboardInterrupt/SystemExit, with the worker threads shut down

@@ -1,34 +1,31 @@
-"""Evaluate the trained model on held-out patients (a sorted split or any Kaggle-layout folder)."""
+"""Evaluate the trained model on held-out patients (a sorted split or any Kaggle-layout folder).
+
+The model runs through the engine the server uses (idc.edge.engine), at the bundle's input size
+and decision rule: what is evaluated is what is served. `precision` picks the Keras model
+("keras", the default) or a compiled IR (FP32, FP16, INT8), as the article compared the stick
+with the development machine.
+"""
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from idc import data, metrics
-from idc.config import Config
-from idc.errors import ImageError, ModelNotFoundError
-from idc.preprocessing import decode_image, preprocess
+from idc.core import metrics
+from idc.core.bundle import Patch
+from idc.core.config import Config
+from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
+from idc.core.preprocessing import decode_image
+from idc.edge.engine import load_classifier
+from idc.training import data, reports
 
 log = logging.getLogger(__name__)
 
 
-def load_keras_model(path: Path):
-    import keras
-
-    import idc.model  # noqa: F401  (registers the custom layers the saved model uses)
-
-    if not path.exists():
-        raise ModelNotFoundError(f"no trained model at {path}: run `python trainer.py train` first")
-    return keras.models.load_model(path, compile=False)
-
-
-def predict_patches(model, patches: list[data.Patch], image_size: int, batch_size: int,
-                    print_every: int = 10, echo=print):
+def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: int = 10, echo=print):
     """P(IDC) for each readable patch, printing the article's streaming accuracy lines.
 
     Returns (kept patches, probabilities, skipped [(file, why)])."""
@@ -46,7 +43,7 @@ def predict_patches(model, patches: list[data.Patch], image_size: int, batch_siz
                 skipped.append((str(patch.path), str(err)))
         if not batch:
             continue
-        p = np.asarray(model.predict_on_batch(preprocess(images, image_size)))[:, 1]
+        p = engine.probabilities(images)
         labels = np.array([x.label for x in batch])
         correct += int(((p >= 0.5) == labels).sum())
         seen += len(batch)
@@ -60,30 +57,37 @@ def predict_patches(model, patches: list[data.Patch], image_size: int, batch_siz
 
 
 def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = None,
-             report_dir: str | Path | None = None, echo=print) -> dict:
-    """Run the exported model on a split (or --data folder) and write the full report."""
-    settings = config.classifier
+             report_dir: str | Path | None = None, echo=print, precision: str = "keras",
+             threshold: float | None = None, review_band: float | None = None) -> dict:
+    """Run the model on a split (or --data folder) through the engine, and write the full report."""
+    model = config.model
     if data_dir is not None:
         patches, name = data.scan_dataset(data_dir), Path(data_dir).name
     else:
-        patches, name = data.read_manifest(config.model_dir, split), split
+        patches, name = model.read_manifest(split), split
     if not patches:
-        raise ModelNotFoundError(f"the {split!r} split is empty: nothing to evaluate")
-    report_dir = Path(report_dir) if report_dir else config.model_dir / "reports" / name
+        raise DatasetError(f"the {split!r} split in {model.manifest} is empty: nothing to evaluate "
+                           "(re-sort with `python trainer.py sort`, or pick another --split)")
+    if precision != "keras":
+        name = f"{name}_{precision}"
+    report_dir = Path(report_dir) if report_dir else model.report_dir(name)
     report_dir.mkdir(parents=True, exist_ok=True)
 
-    from idc.training import model_path
-
-    model = load_keras_model(model_path(config))
-    kept, p, skipped = predict_patches(model, patches, settings.image_size, settings.batch_size, echo=echo)
+    engine = load_classifier(config, precision, threshold=threshold, review_band=review_band)
+    if precision != "keras" and engine.backend == "keras":
+        raise ModelNotFoundError(f"no {precision} IR in {model.ir_dir(precision)}: run "
+                                 f"`./compile_ncs.sh --precision {precision}` first")
+    echo(f"Evaluating {engine.backend} ({engine.image_size} px, threshold {engine.threshold}, review band "
+         f"{engine.review_band}: {engine.rule_source}) on {len(patches)} patches ({name})")
+    kept, p, skipped = predict_patches(engine, patches, config.classifier.batch_size, echo=echo)
     labels = np.array([x.label for x in kept])
-    threshold = settings.InceptionThreshold
-    predicted, review = metrics.decide(p, threshold, settings.review_band)
+    threshold = engine.threshold
+    predicted, review = metrics.decide(p, threshold, engine.review_band)
     result = metrics.classification_metrics(labels, p, threshold)
     patients = metrics.per_patient([x.patient for x in kept], labels, p, threshold)
     false_negatives = (labels == 1) & (predicted == 0)
     result.update({
-        "evaluated_on": name, "patients": len(patients), "skipped": len(skipped),
+        "evaluated_on": name, "model": engine.describe(), "patients": len(patients), "skipped": len(skipped),
         "needs_review": int(review.sum()),
         # the article's second stage: how many of the missed IDC patches a human would still see
         "false_negatives_flagged_for_review": int((false_negatives & review).sum()),
@@ -93,17 +97,14 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     rows = [{"file": str(x.path), "patient": x.patient, "x": x.x, "y": x.y, "label": x.label,
              "p_idc": round(float(pi), 6), "predicted": int(pr), "needs_review": bool(rv)}
             for x, pi, pr, rv in zip(kept, p, predicted, review)]
-    metrics.write_predictions(report_dir / "predictions.csv", rows)
-    for name, label in (("false_negatives.csv", 1), ("false_positives.csv", 0)):
-        metrics.write_predictions(report_dir / name, [r for r in rows if r["label"] == label and r["predicted"] != label])
-    with (report_dir / "per_patient.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(patients[0]))
-        writer.writeheader()
-        writer.writerows(patients)
-    metrics.save_json(report_dir / "metrics.json", result)
-    history = config.model_dir / "history_head.csv"
-    plots = metrics.plot_report(report_dir, labels, p, threshold, history, rows)
-    _log_to_tensorboard(config.model_dir / "logs" / f"evaluation_{name}", result)
+    reports.write_csv(report_dir / "predictions.csv", rows, reports.PREDICTION_FIELDS)
+    for csv_name, label in (("false_negatives.csv", 1), ("false_positives.csv", 0)):
+        wrong = [r for r in rows if r["label"] == label and r["predicted"] != label]
+        reports.write_csv(report_dir / csv_name, wrong, reports.PREDICTION_FIELDS)
+    reports.write_csv(report_dir / "per_patient.csv", patients, list(patients[0]))
+    reports.save_json(report_dir / "metrics.json", result)
+    plots = reports.plot_report(report_dir, labels, p, threshold, model.history("head"), rows)
+    _log_to_tensorboard(model.log_dir(f"evaluation_{name}"), result)
 
     echo(summary(result))
     if skipped:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import random
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,39 +17,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from idc.errors import DatasetError, ImageError
-from idc.preprocessing import decode_image
+from idc.core.bundle import MANIFEST_FIELDS, SPLITS, ModelDir, Patch, parse_patch_name
+from idc.core.errors import DatasetError, ImageError
+from idc.core.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
-PATCH_NAME = re.compile(r"^(?P<patient>[^_/]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
 DATASET_HELP = (
     "Get the public dataset 'Breast Histopathology Images' (IDC_regular_ps50_idx5, CC0) from "
     "https://www.kaggle.com/datasets/paultimothymooney/breast-histopathology-images "
     "(or http://andrewjanowczyk.com/use-case-6-invasive-ductal-carcinoma-idc-segmentation/), "
     "unpack it, and set ClassifierSettings.dataset_dir in confs.json or pass --data DIR."
 )
-MANIFEST_FIELDS = ("split", "file", "source", "patient", "x", "y", "label")
-
-
-@dataclass(frozen=True)
-class Patch:
-    path: Path
-    patient: str
-    x: int
-    y: int
-    label: int  # 0 = no IDC, 1 = IDC
-
-
-def parse_patch_name(path: Path) -> Patch | None:
-    """A Patch from a Kaggle IDC file name, or None when the name is not one."""
-    match = PATCH_NAME.match(path.name)
-    if not match:
-        return None
-    return Patch(path, match["patient"], int(match["x"]), int(match["y"]), int(match["label"]))
-
-
 def scan_dataset(root: str | Path) -> list[Patch]:
     """All IDC patches under `root` (Kaggle layout or flat), sorted for reproducibility."""
     root = Path(root)
@@ -151,17 +129,16 @@ class SortReport:
         return "\n".join(lines)
 
 
-def sort_dataset(dataset_dir: str | Path, out_dir: str | Path, *, validation_fraction: float,
+def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fraction: float,
                  test_fraction: float, seed: int, samples_per_class: int | str = "all",
                  patients_file: dict[str, str] | None = None) -> SortReport:
-    """Copy the dataset into out_dir/{train,validation,test}/{0,1}, write manifest.csv and the
+    """Copy the dataset into the model directory's {train,validation,test}/{0,1}, write manifest.csv and the
     example images test/positive.png and test/negative.png. Corrupt images are skipped and listed."""
-    out_dir = Path(out_dir)
     groups = assign_splits(scan_dataset(dataset_dir), validation_fraction=validation_fraction,
                            test_fraction=test_fraction, seed=seed, patients_file=patients_file)
     groups["train"] = balance(groups["train"], samples_per_class, seed)
     for split in SPLITS:  # a re-sort replaces the previous one, never mixes with it
-        shutil.rmtree(out_dir / split, ignore_errors=True)
+        shutil.rmtree(model.split_dir(split), ignore_errors=True)
 
     report = SortReport()
     rows = []
@@ -175,46 +152,35 @@ def sort_dataset(dataset_dir: str | Path, out_dir: str | Path, *, validation_fra
                 except ImageError as err:
                     report.skipped.append((str(patch.path), str(err)))
                     continue
-                target = out_dir / split / str(patch.label) / patch.path.name
+                target = model.split_dir(split) / str(patch.label) / patch.path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(patch.path, target)
-                rows.append((split, str(target.relative_to(out_dir)), str(patch.path), patch.patient,
+                rows.append((split, str(target.relative_to(model.root)), str(patch.path), patch.patient,
                              patch.x, patch.y, patch.label))
     for split in SPLITS:
         kept = [r for r in rows if r[0] == split]
         report.counts[split] = Counter(r[6] for r in kept)
         report.patients[split] = len({r[3] for r in kept})
 
-    report.manifest = out_dir / "manifest.csv"
+    report.manifest = model.manifest
     with report.manifest.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(MANIFEST_FIELDS)
         writer.writerows(rows)
-    with (out_dir / "skipped.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("file", "why"), *report.skipped])
-    _write_examples(rows, out_dir, seed)
+    with model.skipped.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("file", "why"), *report.skipped])
+    _write_examples(rows, model, seed)
     return report
 
 
-def _write_examples(rows, out_dir: Path, seed: int) -> None:
+def _write_examples(rows, model: ModelDir, seed: int) -> None:
     """test/positive.png and test/negative.png: one patch of each class from TEST patients
     (the 2018 original published a training image as its positive example)."""
     test_rows = [r for r in rows if r[0] == "test"]
     rng = random.Random(seed)
-    for label, name in ((1, "positive.png"), (0, "negative.png")):
+    for label in (1, 0):
         candidates = [r for r in test_rows if r[6] == label]
         if not candidates:
-            log.warning("no class-%d test patch: %s not written", label, name)
+            log.warning("no class-%d test patch: %s not written", label, model.example(label))
             continue
-        shutil.copyfile(out_dir / rng.choice(candidates)[1], out_dir / "test" / name)
-
-
-def read_manifest(out_dir: str | Path, split: str | None = None) -> list[Patch]:
-    """The sorted patches (of one split, or all), as Patches pointing at the sorted copies."""
-    out_dir = Path(out_dir)
-    path = out_dir / "manifest.csv"
-    if not path.exists():
-        raise DatasetError(f"{path} does not exist: run `python trainer.py sort` first")
-    with path.open(newline="") as f:
-        return [Patch(out_dir / row["file"], row["patient"], int(row["x"]), int(row["y"]), int(row["label"]))
-                for row in csv.DictReader(f) if split is None or row["split"] == split]
+        shutil.copyfile(model.root / rng.choice(candidates)[1], model.example(label))

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from idc.config import Config, MQTTSettings
-from idc.errors import ConfigError
+from idc.core.config import Config, MQTTSettings
+from idc.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,16 @@ against the project root (the folder holding confs.json).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
 from pathlib import Path
 
-from idc.errors import ConfigError
+from idc.core.bundle import ModelDir
+from idc.core.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = PROJECT_ROOT / "confs.json"
 
 
@@ -50,10 +52,16 @@ class ClassifierSettings:
     fine_tune_learning_rate: float
     InceptionThreshold: float
     review_band: float
+    threshold_override: float | None
+    review_band_override: float | None
 
     def check(self) -> None:
         _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
         _require(0.0 <= self.review_band < 0.5, "review_band", "must be in [0, 0.5)")
+        _require(self.threshold_override is None or 0.0 < self.threshold_override < 1.0, "threshold_override",
+                 "must be null or between 0 and 1")
+        _require(self.review_band_override is None or 0.0 <= self.review_band_override < 0.5,
+                 "review_band_override", "must be null or in [0, 0.5)")
         _require(75 <= self.image_size <= 1024, "image_size", "Inception V3 needs 75..1024 px")
         _require(self.batch_size > 0, "batch_size", "must be positive")
         _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
@@ -102,10 +110,14 @@ class ServerSettings:
     archive_max_bytes: int
     tls_cert: str | None
     tls_key: str | None
+    connection_limit: int
+    idle_timeout: int
 
     def check(self) -> None:
-        _require(0 <= self.port < 65536, "port", "must be a TCP port number")
+        _require(0 <= self.port < 65536, "port", "must be a TCP port number (0..65535)")
         _require(self.threads > 0, "threads", "must be positive")
+        _require(0 < self.connection_limit <= 4000, "connection_limit", "must be in 1..4000")
+        _require(0 < self.idle_timeout <= 600, "idle_timeout", "must be 1..600 seconds")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be positive")
         _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key", "give both or neither")
 
@@ -173,6 +185,11 @@ class Config:
         return self.resolve(self.ClassifierSettings.model_dir)
 
     @property
+    def model(self) -> ModelDir:
+        """The model directory's layout (idc.core.bundle)."""
+        return ModelDir(self.model_dir, self.ClassifierSettings.model_name)
+
+    @property
     def classifier(self) -> ClassifierSettings:
         return self.ClassifierSettings
 
@@ -224,11 +241,14 @@ def _build_section(cls, raw, section: str, path: Path):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [n for n in names if n not in raw]
-    if missing:
-        raise ConfigError(f"missing key {missing[0]!r} {where}")
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} {where} (known keys: {', '.join(names)})")
+        # A typo makes a key both unknown and missing: name the typo and suggest the valid key.
+        close = difflib.get_close_matches(unknown[0], missing or names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(names)})"
+        raise ConfigError(f"unknown key {unknown[0]!r} {where}{hint}")
+    if missing:
+        raise ConfigError(f"missing key {missing[0]!r} {where}")
     for name in names:
         if not _type_ok(raw[name], hints[name]):
             raise ConfigError(
@@ -267,8 +287,16 @@ def load_config(path: str | Path | None = None) -> Config:
     return Config(**sections, path=path)
 
 
-def with_overrides(config: Config, section: str, **changes) -> Config:
-    """A copy of `config` with some keys of one section replaced (used by --flags and tests)."""
+def with_overrides(config: Config, section: str, flags: dict[str, str] | None = None, **changes) -> Config:
+    """A copy of `config` with some keys of one section replaced (used by --flags and tests).
+
+    A bad value is a ConfigError naming the command-line option (`flags` maps keys to option
+    names; by default `--key-with-dashes`), worded like a bad confs.json value."""
     updated = dataclasses.replace(getattr(config, section), **changes)
-    updated.check()
+    try:
+        updated.check()
+    except _KeyError as err:
+        keys = [k for k in changes if k in err.key.split("/")] or list(changes)
+        option = (flags or {}).get(keys[0], "--" + keys[0].replace("_", "-"))
+        raise ConfigError(f"{option} {changes[keys[0]]}: {err.why} (overrides {section}.{keys[0]})") from None
     return dataclasses.replace(config, **{section: updated})

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from idc.errors import ImageError, ImageTooLargeError, UnsupportedImageError
+from idc.core.errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 # Formats a histology patch plausibly arrives in; anything else is refused before decoding.
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})

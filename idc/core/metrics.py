@@ -1,0 +1,64 @@
+"""The decision rule, and classification metrics at the decision threshold, per patient.
+
+NumPy only at import (scikit-learn is imported where metrics are computed): the edge engine
+needs `decide`, the compile step and evaluation need the metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def decide(p_idc: float | np.ndarray, threshold: float, review_band: float):
+    """The decision rule: IDC when p >= threshold; 'needs review' when p is within review_band
+    of the threshold (the article's second stage: flag likely false negatives for a human)."""
+    p = np.asarray(p_idc)
+    return (p >= threshold).astype(int), np.abs(p - threshold) < review_band
+
+
+def classification_metrics(labels, p_idc, threshold: float) -> dict:
+    """Accuracy, balanced accuracy, sensitivity, specificity, precision, F1 (IDC), ROC AUC."""
+    from sklearn import metrics as skm  # here, not at import: the edge server only needs decide()
+
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(p_idc, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel().tolist()
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    sensitivity, specificity, precision = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
+    both = len(set(y.tolist())) == 2
+    return {
+        "threshold": threshold,
+        "patches": int(len(y)),
+        "accuracy": ratio(tp + tn, len(y)),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "precision": precision,
+        "f1_idc": ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": float(skm.roc_auc_score(y, p)) if both else float("nan"),
+        "average_precision": float(skm.average_precision_score(y, p)) if both else float("nan"),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
+    """One row per patient: patches, IDC fraction (true and predicted), accuracy, sensitivity."""
+    rows = defaultdict(list)
+    for patient, y, p in zip(patients, labels, p_idc):
+        rows[patient].append((int(y), float(p)))
+    table = []
+    for patient, items in sorted(rows.items()):
+        y = np.array([i[0] for i in items])
+        pred = np.array([i[1] for i in items]) >= threshold
+        positives = y == 1
+        table.append({
+            "patient": patient,
+            "patches": len(items),
+            "idc_fraction": round(float(positives.mean()), 4),
+            "predicted_idc_fraction": round(float(pred.mean()), 4),
+            "accuracy": round(float((pred == positives).mean()), 4),
+            "sensitivity": round(float(pred[positives].mean()), 4) if positives.any() else None,
+        })
+    return table
