@@ -56,11 +56,10 @@ def main() -> int:
     remembered = config.model.trainer_options
     previous = json.loads(remembered.read_text()) if remembered.exists() else {}
     reused = {key: value for key, value in previous.items() if key in OPTIONS.values() and key not in given}
-    for key, value in reused.items():
-        option = next(o for o, k in OPTIONS.items() if k == key)
-        log.info("using %s %s from the previous run (%s)", option, value, remembered)
     flags = {key: option for option, key in OPTIONS.items()}
     config = with_overrides(config, "ClassifierSettings", flags, **reused, **given)
+    for key, value in reused.items():
+        log.info("using %s %s from the previous run (%s)", flags[key], value, remembered)
     remembered.parent.mkdir(parents=True, exist_ok=True)
     remembered.write_text(json.dumps({**reused, **given}, indent=2) + "\n")
 

@@ -174,3 +174,19 @@ class Probe:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def wait_retained(broker: Mosquitto, topic: str, payload: bytes, timeout: float = 5.0) -> bool:
+    """Whether the broker comes to hold `payload` as the retained message of `topic` within
+    `timeout`: each try subscribes afresh and looks only at messages flagged retained (a client
+    that is connected may not have had its retained publish stored by the broker yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = Probe(broker, [topic])
+        try:
+            if wait_until(lambda: (topic, payload, True) in probe.messages, 0.5):
+                return True
+        finally:
+            probe.close()
+        if time.monotonic() >= deadline:
+            return False

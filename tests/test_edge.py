@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def compiled(tiny_project):
     config, _ = tiny_project
-    paths = compile_ir(config, ["FP16", "INT8"])
+    paths = compile_ir(config, ["FP32", "FP16", "INT8"])
     return config, paths
 
 
@@ -53,6 +53,51 @@ def test_engine_matches_keras_on_test_patches(compiled):
     paths = [p.path for p in config.model.read_manifest("test")[:4]]
     reference = np.asarray(load_keras_model(config.model.keras_model)(load_batch(paths, engine.image_size)))[:, 1]
     np.testing.assert_allclose(engine._infer(load_batch(paths, engine.image_size)), reference, atol=0.01)
+
+
+def test_engines_match_the_training_path_to_1e_5(compiled):
+    """The served P(IDC) equals the P(IDC) of the trained model on the training/evaluation
+    preprocessing (load_batch), file by file: a channel swap or another resize in the engine
+    moves P(IDC) by far more than this."""
+    config, _ = compiled
+    paths = [p.path for p in config.model.read_manifest("test")]
+    model = load_keras_model(config.model.keras_model)
+    reference = np.asarray(model.predict_on_batch(load_batch(paths, 75)))[:, 1]
+    assert ((reference > 1e-3) & (reference < 0.999)).any()  # not all saturated: a difference would show
+    for engine in (KerasClassifier(config.model.keras_model), OpenVINOClassifier(config.model.ir_xml("FP32"), "CPU")):
+        served = np.array([engine.classify(path).p_idc for path in paths])
+        np.testing.assert_allclose(served, reference, atol=1e-5, rtol=0, err_msg=engine.backend)
+
+
+def test_a_worse_int8_model_fails_the_parity_gate(compiled, tmp_path):
+    import shutil
+
+    import openvino as ov
+    from openvino import opset13
+
+    from idc.core.errors import ParityError
+
+    config, _ = compiled
+    copy = with_overrides(config, "ClassifierSettings", model_dir=str(tmp_path / "model"))
+    shutil.copytree(config.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("bottlenecks", "logs"))
+    # A "quantized" model that swaps the classes: what a broken calibration could produce.
+    good = ov.Core().read_model(copy.model.ir_xml("INT8"))
+    swapped = opset13.subtract(opset13.constant(np.float32(1.0)), good.get_results()[0].input_value(0))
+    worse = tmp_path / "worse.xml"  # not over the files read: their weights are memory-mapped
+    ov.save_model(ov.Model([swapped], good.get_parameters(), "worse"), worse)
+    for suffix in (".xml", ".bin"):
+        worse.with_suffix(suffix).replace(copy.model.ir_xml("INT8").with_suffix(suffix))
+    with pytest.raises(ParityError, match=r"INT8 loses [01]\.[0-9]+ balanced accuracy"):
+        check_parity(copy, ["FP16", "INT8"], echo=lambda *_: None)
+
+
+def test_compile_script_exits_non_zero_when_int8_fails_the_gate(compiled):
+    config, _ = compiled
+    # Demanding that INT8 be 1.0 better than TensorFlow makes any INT8 model fail the gate.
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--config", str(config.path), "--precision", "int8",
+                           "--max-int8-drop", "-1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: INT8 loses" in done.stderr and "TASS Identified" not in done.stdout
 
 
 def test_engine_is_thread_safe(compiled):
@@ -101,8 +146,12 @@ def test_missing_device_is_explained(compiled):
 
 
 def test_fallback_to_keras_without_ir(tiny_project, tmp_path, caplog):
+    import shutil
+
     config, _ = tiny_project
-    engine = load_classifier(config, "FP32")  # never compiled
+    config = with_overrides(config, "ClassifierSettings", model_dir=str(tmp_path / "model"))
+    shutil.copytree(tiny_project[0].model_dir, config.model_dir, ignore=shutil.ignore_patterns("ir", "bottlenecks"))
+    engine = load_classifier(config, "FP32")  # never compiled here
     assert engine.backend == "keras" and "falling back to the Keras model" in caplog.text
 
 

@@ -124,3 +124,27 @@ def test_tta_model_averages_the_views(trained):
     batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
     expected = np.mean([np.asarray(single(trunk(view_array(batch, v)))) for v in config.classifier.train_views], 0)
     np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
+
+
+def test_retraining_at_another_size_recomputes_the_bottlenecks(tmp_path):
+    from idc.core.bundle import Bundle
+
+    make_dataset(tmp_path / "raw", patients=4, per_class=3)
+    config = load_config(write_config(tmp_path, epochs=2, train_views=["identity"]))
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.25, test_fraction=0.0, seed=0)
+    first = train(config, trunk=tiny_trunk(75))
+    computed = first["bottleneck_cache"]["train"]["computed"]
+    assert computed == 3 * 6
+    # Same trunk identity, another input size: every feature must be computed again at that size.
+    resized = with_overrides(config, "ClassifierSettings", image_size=80)
+    again = train(resized, trunk=tiny_trunk(80))
+    assert again["bottleneck_cache"]["train"] == {"hits": 0, "computed": computed}
+    assert Bundle.load(config.model.root).image_size == 80
+
+
+def test_balanced_accuracy_is_not_plain_accuracy_on_imbalanced_labels():
+    from idc.core.metrics import classification_metrics
+
+    result = classification_metrics([0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4], threshold=0.5)
+    assert result["accuracy"] == 0.75 and result["balanced_accuracy"] == 0.5
+    assert (result["sensitivity"], result["specificity"]) == (0.0, 1.0)
