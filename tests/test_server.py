@@ -695,3 +695,60 @@ def test_server_load_benchmark_without_a_model_says_so(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_load.py"), "--model-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "nothing to measure" in done.stdout and "compile_ncs.sh" in done.stdout
+
+
+# --- idle connections cannot starve the server (waitress: connection_limit, idle_timeout) ---
+
+def open_idle_connections(url: str, count: int) -> list:
+    """`count` TCP connections to the server that never send a byte."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    return [socket.create_connection((address.hostname, address.port), timeout=5) for _ in range(count)]
+
+
+def closed_by_server(sock) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""  # end of stream: the server closed it
+    except BlockingIOError:
+        return False  # still open, nothing to read
+    except OSError:
+        return True  # reset by the server
+
+
+def timed_post(url: str, image: bytes, timeout: float) -> tuple[int, float]:
+    started = time.monotonic()
+    response = requests.post(f"{url}/api/infer", data=image, timeout=timeout)
+    return response.status_code, time.monotonic() - started
+
+
+def test_300_idle_connections_do_not_starve_the_server(make_config, tiny_classifier, publisher, live_server, images):
+    config = make_config()  # the defaults of confs.json: 500 connections, 10 s idle timeout
+    assert (config.Server.connection_limit, config.Server.idle_timeout) == (500, 10)
+    url = live_server(create_app(config, tiny_classifier, publisher), config)
+    idle = open_idle_connections(url, 300)
+    try:
+        for _ in range(3):
+            status, seconds = timed_post(url, images["positive"], timeout=10)
+            assert status == 200 and seconds < 3, seconds
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_idle_connections_beyond_the_limit_are_closed_after_the_idle_timeout(make_config, tiny_classifier,
+                                                                              publisher, live_server, images):
+    config = make_config(Server={"connection_limit": 20, "idle_timeout": 2})
+    url = live_server(create_app(config, tiny_classifier, publisher), config)
+    idle = open_idle_connections(url, 40)  # 20 over the limit wait in the listen backlog
+    try:
+        status, seconds = timed_post(url, images["positive"], timeout=20)
+        # idle_timeout (2 s) + the sweep interval (1 s) + the backlog's turn; waitress's defaults
+        # (120 s) would have made this request time out.
+        assert status == 200 and seconds < 10, seconds
+        assert sum(map(closed_by_server, idle)) >= 20
+    finally:
+        for sock in idle:
+            sock.close()

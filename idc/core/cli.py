@@ -60,7 +60,7 @@ def setup(args: argparse.Namespace) -> Config:
         # TensorFlow's C++ notices (oneDNN, "failed call to cuInit" on a machine without CUDA, which
         # reads like a failure); its Python-side errors still raise as exceptions.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        for name in ("nncf", "tensorflow", "absl"):
+        for name in ("tensorflow", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
     return load_config(args.config)
 
@@ -71,6 +71,7 @@ def quiet_import(name: str):
     was given, and shown if the import fails."""
     if name in sys.modules or os.environ.get(VERBOSE_ENV):
         return importlib.import_module(name)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read once, at import: "failed call to cuInit" etc.
     with tempfile.TemporaryFile() as captured:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -87,6 +88,8 @@ def quiet_import(name: str):
             os.close(saved)
     if name == "tensorflow":
         module.get_logger().setLevel(logging.ERROR)  # "Assets written to ..." on every export
+    elif name == "nncf":
+        module.set_log_level(logging.ERROR)  # one "Not adding activation input quantizer" line per op
     return module
 
 

@@ -50,8 +50,7 @@ def convert(keras_model, image_size: int):
 def quantize_int8(ov_model, calibration: np.ndarray):
     """Post-training INT8 quantization with NNCF, calibrated on real training patches (one
     patch per calibration sample, as NNCF counts them)."""
-    import nncf
-
+    nncf = cli.quiet_import("nncf")
     samples = [calibration[i:i + 1] for i in range(len(calibration))]
     # Only the convolutions of the trunk are quantized: the pooled statistics (a variance is a
     # difference of nearly equal numbers) and the small head stay in floating point.
