@@ -46,6 +46,15 @@ def test_unknown_key_is_a_typo(tmp_path):
         load_config(path)
 
 
+def test_a_misspelt_key_is_named_with_the_closest_valid_one(tmp_path):
+    def misspell(raw):
+        raw["ClassifierSettings"]["InceptionTreshold"] = raw["ClassifierSettings"].pop("InceptionThreshold")
+
+    with pytest.raises(ConfigError, match=r"unknown key 'InceptionTreshold' in section 'ClassifierSettings' of "
+                                          r".*; did you mean 'InceptionThreshold'\?"):
+        load_config(write(tmp_path, misspell))
+
+
 def test_missing_section_and_bad_json(tmp_path):
     with pytest.raises(ConfigError, match="missing section 'Alarm'"):
         load_config(write(tmp_path, lambda raw: raw.pop("Alarm")))

@@ -187,6 +187,26 @@ def test_compile_script_help():
     assert done.returncode == 2 and "unknown precision" in done.stderr
 
 
+def test_compile_checks_the_device_before_touching_the_irs(compiled):
+    config, _ = compiled
+    xml = config.model.ir_xml("FP16")
+    before = xml.stat().st_mtime_ns
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--config", str(config.path), "--precision", "fp16",
+                           "--device", "MYRIAD"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "MYRIAD" in done.stderr and "2022.3" in done.stderr, done.stderr
+    assert xml.stat().st_mtime_ns == before  # not rebuilt, not overwritten
+
+
+def test_scripts_start_quietly(compiled):
+    """No TensorFlow start-up noise (absl, oneDNN, cuInit on a machine without CUDA) without -v."""
+    config, _ = compiled
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--config", str(config.path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for noise in ("absl::InitializeLog", "oneDNN", "cuInit", "cuda", "E0000", "I0000"):
+        assert noise not in done.stderr, done.stderr
+
+
 def test_inception_test_publishes_results_to_mqtt(compiled, mosquitto, make_config):
     import dataclasses
     import json

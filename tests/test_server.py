@@ -674,6 +674,22 @@ def test_server_script_without_a_model_says_so(tmp_path):
     assert done.returncode == 2 and "error: no trained model" in done.stderr
 
 
+def test_server_script_on_a_port_in_use_is_one_error_line(tiny_project, tiny_classifier):
+    import socket
+
+    config, _ = tiny_project
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "server.py"), "--config", str(config.path),
+                               "--port", str(port), "--precision", "FP16"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use (is another server.py "
+                      "running? stop it, or choose another --port / Server.port)"], done.stderr
+
+
 # --- benchmarks/server_load.py (its logic, on the tiny model; the targets are for the real one) ---
 
 def test_server_load_benchmark_runs_on_the_tiny_model(tiny_project, tiny_classifier, tmp_path):

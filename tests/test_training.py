@@ -43,6 +43,12 @@ def test_exported_model_beats_chance_on_held_out_patients(trained, capsys):
                  "training_curves.png", "patient_heatmaps.png"):
         assert (report / name).stat().st_size > 0, name
     assert len((report / "predictions.csv").read_text().splitlines()) == 33
+    for name in ("predictions.csv", "false_negatives.csv", "per_patient.csv"):  # Unix line endings
+        assert b"\r" not in (report / name).read_bytes(), name
+    assert b"\r" not in config.model.manifest.read_bytes()
+    # TensorBoard: one folder per evaluated split, named after it
+    logs = sorted(p.name for p in (config.model_dir / "logs").iterdir() if p.name.startswith("evaluation"))
+    assert logs == ["evaluation_test"]
 
 
 def test_evaluate_any_folder_skips_corrupt_files(trained, tmp_path):

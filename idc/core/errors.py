@@ -1,4 +1,6 @@
-"""The project's own exception types: each message says what was wrong and what to do."""
+"""The project's own exception types, all of them: each message says what was wrong and what to do.
+
+Standard library only: every machine (the Raspberry Pi too) imports this."""
 
 
 class IDCError(Exception):
@@ -43,3 +45,15 @@ class ParityError(IDCError):
 
 class ListenError(IDCError):
     """The server cannot listen on its address (a port in use, an address not on this machine)."""
+
+
+class ApiError(Exception):
+    """An HTTP API error, answered as `{"Response": "FAILED", "ResponseMessage": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class IgnoredMessage(Exception):
+    """An MQTT message the alarm does not act on; the text says why."""

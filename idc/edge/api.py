@@ -49,7 +49,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from idc.core.config import Config
-from idc.core.errors import ImageError, ImageTooLargeError, ListenError, UnsupportedImageError
+from idc.core.errors import ApiError, ImageError, ImageTooLargeError, ListenError, UnsupportedImageError
 
 if TYPE_CHECKING:
     from idc.edge.engine import Classifier
@@ -63,14 +63,6 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
 # Room for multipart boundaries and headers above max_upload_bytes before waitress itself refuses a
 # body (with a plain-text 413); anything up to that gets the JSON 413 from Flask.
 WAITRESS_BODY_SLACK = 1 << 20
-
-
-class ApiError(Exception):
-    """An error answered as `{"Response": "FAILED", "ResponseMessage": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def failed(status: int, message: str, headers=None):

@@ -105,6 +105,7 @@ def check_parity(config: Config, precisions: list[str], samples: int = 500, echo
         return np.concatenate([engine.probabilities(batch)
                                for batch in tqdm(batches, desc=f"parity: {name}", unit="batch", disable=None)])
 
+    echo(f"Checking {', '.join(precisions)} against TensorFlow on {len(chosen)} validation patches ...")
     reference_engine = KerasClassifier(model.keras_model, max_side=None)
     threshold = reference_engine.threshold
     reference = run(reference_engine, "TensorFlow")
@@ -148,7 +149,8 @@ def main() -> int:
     precisions = args.precision or [config.OpenVINO.precision]
     for precision, path in compile_ir(config, precisions).items():
         print(f"{precision}: {path}")
-    check_parity(config, precisions, args.parity_samples, max_int8_drop=args.max_int8_drop)
+    check_parity(config, precisions, args.parity_samples, echo=lambda *lines: print(*lines, flush=True),
+                 max_int8_drop=args.max_int8_drop)
     return 0
 
 

@@ -24,6 +24,7 @@ from gpiozero import LED, Button, Buzzer
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from idc.core.config import Config
+from idc.core.errors import IgnoredMessage
 from idc.iot.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, utc_timestamp
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ class LoggingMockPin(MockPin):
 def mock_pin_factory() -> MockFactory:
     """gpiozero's mock pin factory with pins that log their changes (no Raspberry Pi needed)."""
     return MockFactory(pin_class=LoggingMockPin)
-
-
-class IgnoredMessage(Exception):
-    """A message the alarm does not act on; the text says why."""
 
 
 def _is_number(value) -> bool:

@@ -15,10 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from idc.core.bundle import MANIFEST_FIELDS, SPLITS, ModelDir, Patch, parse_patch_name
-from idc.core.errors import DatasetError, ImageError
+from idc.core.errors import DatasetError, ImageError, ImageTooLargeError
 from idc.core.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,44 @@ DATASET_HELP = (
     "(or http://andrewjanowczyk.com/use-case-6-invasive-ductal-carcinoma-idc-segmentation/), "
     "unpack it, and set ClassifierSettings.dataset_dir in confs.json or pass --data DIR."
 )
-def scan_dataset(root: str | Path) -> list[Patch]:
-    """All IDC patches under `root` (Kaggle layout or flat), sorted for reproducibility."""
+# Why a file is skipped, as counted in the report. Hidden/system files (.DS_Store, ._* from macOS,
+# Thumbs.db) are harmless clutter: counted and listed like the rest, but grouped apart and listed last.
+NOT_A_PATCH = "not named like an IDC patch"
+SYSTEM_FILE = "hidden or system file"
+WRONG_FOLDER = "in a class folder other than 0/1"
+CLASS_MISMATCH = "class folder disagrees with its name"
+TOO_LARGE = "far larger than a patch"
+UNREADABLE = "unreadable or corrupt"
+REASONS = (NOT_A_PATCH, WRONG_FOLDER, CLASS_MISMATCH, TOO_LARGE, UNREADABLE, SYSTEM_FILE)  # the table's order
+PATCH_SIDE = 50  # the dataset's patches are 50x50 px; edge patches are smaller
+
+
+def scan_dataset(root: str | Path, report: SortReport | None = None) -> list[Patch]:
+    """All IDC patches under `root` (Kaggle layout or flat), sorted for reproducibility.
+    Every other file is recorded in `report` with the reason, so that nothing is dropped unseen."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist. {DATASET_HELP}")
-    patches = [p for p in map(parse_patch_name, sorted(root.rglob("*.png"))) if p is not None]
+    report = report if report is not None else SortReport()
+    patches = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        patch = parse_patch_name(path)
+        folder = path.parent
+        # Kaggle layout: <patient>/<class>/file; a folder named 0 or 1 is a class folder anywhere.
+        # Files directly in root or in any other folder are a flat layout and stay valid.
+        in_class_folder = folder != root and patch is not None and (folder.parent.name == patch.patient
+                                                                    or folder.name in ("0", "1"))
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or \
+                path.name.lower() in ("thumbs.db", "desktop.ini"):
+            report.skip(path, SYSTEM_FILE)
+        elif patch is None:
+            report.skip(path, NOT_A_PATCH)
+        elif in_class_folder and folder.name not in ("0", "1"):
+            report.skip(path, WRONG_FOLDER, f"in folder {folder.name}/, not a class folder 0/ or 1/")
+        elif in_class_folder and folder.name != str(patch.label):
+            report.skip(path, CLASS_MISMATCH, f"in class folder {folder.name}/ but named class{patch.label}")
+        else:
+            patches.append(patch)
     if not patches:
         raise DatasetError(f"no IDC patches (<patient>_idx5_x<X>_y<Y>_class<C>.png) under {root}. {DATASET_HELP}")
     return patches
@@ -115,14 +148,22 @@ class SortReport:
     counts: dict[str, Counter] = field(default_factory=dict)  # split -> label -> patches
     patients: dict[str, int] = field(default_factory=dict)  # split -> patients
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    reasons: Counter = field(default_factory=Counter)  # category (NOT_A_PATCH, ...) -> files skipped
+    small: int = 0  # kept patches under PATCH_SIDE px on a side: edge patches, normal, padded white
     manifest: Path | None = None
+
+    def skip(self, path: str | Path, category: str, why: str | None = None) -> None:
+        self.skipped.append((str(path), why or category))
+        self.reasons[category] += 1
 
     def table(self) -> str:
         lines = [f"{'split':<11}{'patients':>9}{'class 0':>9}{'class 1':>9}{'total':>8}"]
         for split in SPLITS:
             c = self.counts.get(split, Counter())
             lines.append(f"{split:<11}{self.patients.get(split, 0):>9}{c[0]:>9}{c[1]:>9}{c[0] + c[1]:>8}")
-        lines.append(f"skipped (unreadable or corrupt): {len(self.skipped)}")
+        lines.append(f"patches under {PATCH_SIDE} px on a side (edge patches, kept): {self.small}")
+        why = ", ".join(f"{self.reasons[r]} {r}" for r in REASONS if self.reasons[r])
+        lines.append(f"skipped: {len(self.skipped)}" + (f" ({why})" if why else ""))
         lines += [f"  {name}: {why}" for name, why in self.skipped[:20]]
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more (see the manifest folder's skipped.csv)")
@@ -133,25 +174,30 @@ def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fractio
                  test_fraction: float, seed: int, samples_per_class: int | str = "all",
                  patients_file: dict[str, str] | None = None) -> SortReport:
     """Copy the dataset into the model directory's {train,validation,test}/{0,1}, write manifest.csv and the
-    example images test/positive.png and test/negative.png. Corrupt images are skipped and listed."""
-    groups = assign_splits(scan_dataset(dataset_dir), validation_fraction=validation_fraction,
+    example images test/positive.png and test/negative.png. Every file not sorted (not a patch, in the wrong
+    class folder, far too large, corrupt) is counted in the report and listed in skipped.csv with the reason."""
+    report = SortReport()
+    groups = assign_splits(scan_dataset(dataset_dir, report), validation_fraction=validation_fraction,
                            test_fraction=test_fraction, seed=seed, patients_file=patients_file)
     groups["train"] = balance(groups["train"], samples_per_class, seed)
     for split in SPLITS:  # a re-sort replaces the previous one, never mixes with it
         shutil.rmtree(model.split_dir(split), ignore_errors=True)
 
-    report = SortReport()
     rows = []
     total = sum(len(g) for g in groups.values())
     with tqdm(total=total, desc="sorting", unit="patch") as progress:
         for split, patches in groups.items():
             for patch in patches:
                 progress.update()
-                try:
-                    decode_image(patch.path)
-                except ImageError as err:
-                    report.skipped.append((str(patch.path), str(err)))
+                try:  # validates the file; max_side refuses a huge image from its header, before decoding
+                    height, width = decode_image(patch.path, max_side=2 * PATCH_SIDE).shape[:2]
+                except ImageTooLargeError as err:  # not a patch of this dataset: training would downscale it
+                    report.skip(patch.path, TOO_LARGE, _too_large(patch.path, err))
                     continue
+                except ImageError as err:
+                    report.skip(patch.path, UNREADABLE, _unreadable(err))
+                    continue
+                report.small += min(height, width) < PATCH_SIDE
                 target = model.split_dir(split) / str(patch.label) / patch.path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(patch.path, target)
@@ -162,6 +208,7 @@ def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fractio
         report.counts[split] = Counter(r[6] for r in kept)
         report.patients[split] = len({r[3] for r in kept})
 
+    report.skipped.sort(key=lambda s: (s[1] == SYSTEM_FILE, s[0]))  # clutter last in the examples
     report.manifest = model.manifest
     with report.manifest.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -171,6 +218,23 @@ def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fractio
         csv.writer(f, lineterminator="\n").writerows([("file", "why"), *report.skipped])
     _write_examples(rows, model, seed)
     return report
+
+
+def _too_large(path: Path, err: ImageTooLargeError) -> str:
+    try:  # the header only: cheap
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  e.g. a decompression bomb, refused even from the header
+        return f"{err}, far from the dataset's {PATCH_SIDE}x{PATCH_SIDE} patches"
+    return f"{width}x{height} px, far from the dataset's {PATCH_SIDE}x{PATCH_SIDE} patches"
+
+
+def _unreadable(err: ImageError) -> str:
+    """decode_image words its errors for the HTTP API ("send PNG or JPEG bytes"): reword for a dataset."""
+    message = str(err)
+    if message.startswith("not an image"):
+        message = "not a PNG/JPEG image (corrupt or another format)"
+    return f"unreadable: {message}"
 
 
 def _write_examples(rows, model: ModelDir, seed: int) -> None:
