@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_commands_use_the_venv_of_the_setup_line():
     """A bare `python script.py` fails after the set-up line (the packages are in .venv only)."""
-    assert README.splitlines()[2].startswith("# Set up and run the main job")
+    assert README.splitlines()[3].startswith("# Set up and run the main job")
     bare = re.findall(r"(?<![\w/.\-])python3? (?:[\w/]+\.py|-m (?!venv)\w+)[^\n`]*", README)
     assert not bare, bare
 

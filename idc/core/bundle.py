@@ -202,5 +202,10 @@ class Bundle:
         changes = {k: float(v) for k, v in (("threshold", threshold), ("review_band", review_band)) if v is not None}
         return dataclasses.replace(self, **changes)
 
+    @property
+    def external_trunk(self) -> bool:
+        """Whether the trunk is a TF Hub handle or SavedModel that the Keras model loads from outside."""
+        return self.weights.startswith("source:") and self.weights != "source:imagenet"
+
     def for_ir(self, precision: str, openvino_version: str) -> Bundle:
         return dataclasses.replace(self, precision=precision, compiled_with=openvino_version)

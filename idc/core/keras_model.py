@@ -70,8 +70,11 @@ class MeanStdPooling(keras.layers.Layer):
         return ops.concatenate([ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
 
 
-def load_keras_model(path: Path):
-    """The trained Keras model at `path` (inference only: not compiled)."""
+def load_keras_model(path: Path, external_trunk: bool = False):
+    """The trained Keras model at `path` (inference only: not compiled).
+
+    `external_trunk`: the model wraps a TF Hub / SavedModel trunk (a TFSMLayer), which Keras loads
+    only with safe_mode off; the bundle says so (Bundle.external_trunk) for models trainer.py made."""
     if not Path(path).exists():
         raise ModelNotFoundError(f"no trained model at {path}: run `python trainer.py train` first")
-    return keras.models.load_model(path, compile=False)
+    return keras.models.load_model(path, compile=False, safe_mode=not external_trunk)

@@ -67,7 +67,7 @@ def compile_ir(config: Config, precisions: list[str]) -> dict[str, str]:
     model = config.model
     check_device(ov.Core(), config.OpenVINO.device)  # before anything is built or overwritten
     bundle = Bundle.load(model.root)
-    ov_model = convert(load_keras_model(model.keras_model), bundle.image_size)
+    ov_model = convert(load_keras_model(model.keras_model, bundle.external_trunk), bundle.image_size)
     written = {}
     for precision in precisions:
         started = time.time()

@@ -151,7 +151,7 @@ class KerasClassifier(Classifier):
 
         path = Path(path)
         bundle = bundle or Bundle.load(path.parent)
-        self.model = load_keras_model(path)
+        self.model = load_keras_model(path, bundle.external_trunk)
         if int(self.model.input_shape[1]) != bundle.image_size:
             raise ModelNotFoundError(f"{path} takes {self.model.input_shape[1]} px images but its model.json "
                                      f"says {bundle.image_size}: retrain with `python trainer.py train`")
