@@ -8,8 +8,10 @@
 For each image it prints what was sent, the server's JSON answer and a one-line verdict, e.g.
 `IDC Detected! (confidence 0.93, P(IDC) 0.9312)`; then a summary. A connection that fails
 (server not up yet) is retried a bounded number of times with doubling delays; when it still
-fails, the remaining images are not sent. Exit status: 0 when every image got an answer,
-1 when any request failed, 2 for bad arguments or config.
+fails, the remaining images are not sent; a host name that does not resolve is not retried.
+A file that cannot be read is reported and counted as failed. Exit status: 0 when every image
+got an answer, 1 when any image failed, 2 for bad arguments or config (a malformed --server URL,
+no images found).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import time
+from urllib.parse import urlsplit
 
 import requests
 
@@ -48,11 +52,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def with_scheme(server: str) -> str:
+    """host:port -> http://host:port; a string that starts with a scheme (`xyz:/`) is kept as it is."""
+    return server if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", server) else f"http://{server}"
+
+
+def check_server(server: str) -> bool:
+    """Whether `server` is an http(s) URL with a host (and a valid port, if any): http://HOST:7455."""
+    try:
+        parts = urlsplit(with_scheme(server))
+        parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
 def infer_url(server: str) -> str:
     """http://host:port[/prefix] -> .../api/infer (a URL already ending in /api/infer is kept)."""
-    if "://" not in server:
-        server = f"http://{server}"
-    server = server.rstrip("/")
+    server = with_scheme(server).rstrip("/")
     return server if server.endswith(INFER) else server + INFER
 
 
@@ -65,15 +82,32 @@ def default_server(config) -> str:
     return f"{scheme}://{host}:{settings.port}"
 
 
+def is_name_resolution_error(err: BaseException) -> bool:
+    """Whether a (requests) connection error comes from a host name that does not resolve: a
+    socket.gaierror somewhere in its chain (causes, contexts, urllib3's `reason`, the arguments)."""
+    seen, todo = set(), [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror) or type(current).__name__ == "NameResolutionError":
+            return True
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+    return False
+
+
 def post_image(session: requests.Session, url: str, data: bytes, content_type: str, headers: dict,
                timeout: float, retries: int, backoff: float) -> requests.Response:
-    """POST one image; retry (bounded, doubling delays) only when the connection itself fails."""
+    """POST one image; retry (bounded, doubling delays) only when the connection itself fails
+    (not when the host name does not resolve: that will not change by waiting)."""
     for attempt in range(retries + 1):
         try:
             return session.post(url, data=data, headers={**headers, "Content-Type": content_type},
                                 timeout=timeout)
-        except requests.ConnectionError:
-            if attempt == retries:
+        except requests.ConnectionError as err:
+            if attempt == retries or is_name_resolution_error(err):
                 raise
             delay = backoff * 2 ** attempt
             print(f"   could not connect to {url}; retrying in {delay:.1f} s ({attempt + 1}/{retries})")
@@ -104,6 +138,9 @@ def is_answer(answer) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.server is not None and not check_server(args.server):
+        print(f"error: --server {args.server}: not an http(s) URL like http://HOST:7455", file=sys.stderr)
+        return 2
     config = None
     if args.server is None or args.api_key is None or not args.images:
         from idc.core.config import load_config
@@ -114,31 +151,49 @@ def main(argv=None) -> int:
         except ConfigError as err:
             print(f"error: {err} (or give --server, --api-key and the images)", file=sys.stderr)
             return 2
-    url = infer_url(args.server or default_server(config))
+    server = args.server if args.server is not None else default_server(config)
+    if not check_server(server):
+        print(f"error: {server} (Server in {config.path}): not an http(s) URL like http://HOST:7455",
+              file=sys.stderr)
+        return 2
+    url = infer_url(server)
     api_key = args.api_key if args.api_key is not None else (config.Server.api_key if config else None)
     images = find_images(args.images) if args.images else [config.model_dir / "test" / n
                                                        for n in ("positive.png", "negative.png")]
+    if not images:
+        print(f"error: no images found in {', '.join(args.images)} (PNG, JPEG, BMP or TIFF files)",
+              file=sys.stderr)
+        return 2
     headers = {"X-API-Key": api_key} if api_key else {}
     counts = {"IDC": 0, "no IDC": 0, "needs review": 0, "failed": 0}
+    sent = 0
     started = time.perf_counter()
     with requests.Session() as session:
         for index, path in enumerate(images):
             try:
                 data = path.read_bytes()
             except OSError as err:
-                print(f"!! Could not read {path}: {err.strerror or err}")
+                print(f"!! cannot read {path}: {err.strerror or err}")
                 counts["failed"] += 1
                 continue
             print(f"-- Sent {path} ({len(data)} bytes) to {url}")
+            sent += 1
             content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
             try:
                 response = post_image(session, url, data, content_type, headers,
                                       args.timeout, args.retries, args.backoff)
             except requests.ConnectionError as err:
                 unsent = len(images) - index
+                if is_name_resolution_error(err):
+                    print(f"!! Request failed: could not resolve the host name {urlsplit(url).hostname} "
+                          f"({reason(err)}); {unsent} image(s) not sent")
+                    counts["failed"] += unsent
+                    sent -= 1  # it never reached the server
+                    break
                 print(f"!! Request failed: could not connect to {url} ({reason(err)}) after {args.retries} "
                       f"retries; {unsent} image(s) not sent")
                 counts["failed"] += unsent
+                sent -= 1  # it never reached the server
                 break
             except requests.RequestException as err:
                 print(f"!! Request failed: {type(err).__name__}: {reason(err)}")
@@ -159,8 +214,8 @@ def main(argv=None) -> int:
                 print(f"!! FAILED ({response.status_code}): {why}")
                 counts["failed"] += 1
     total = time.perf_counter() - started
-    print(f"-- Sent {len(images)} images in {total:.2f} s: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    return 1 if counts["failed"] or not images else 0
+    print(f"-- Sent {sent} images in {total:.2f} s: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

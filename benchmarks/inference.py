@@ -57,14 +57,24 @@ def worker(engine: str, config_path: str, images: list[bytes], pipe) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "confs.json"))
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per engine")
-    p.add_argument("--images", type=int, default=40, help="single-image requests per round")
-    p.add_argument("--batch", type=int, default=32, help="the larger batch size")
-    p.add_argument("--batches", type=int, default=4, help="batches per round")
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "confs.json"),
+                   help="confs.json of the trained model (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per engine (default: %(default)s)")
+    p.add_argument("--images", type=int, default=40, help="single-image requests per round (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="the larger batch size (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=4, help="batches per round (default: %(default)s)")
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, metavar="ENGINE",
+                   help=f"engines to compare, the first is the baseline: {', '.join(ENGINES)} "
+                        f"(default: {' '.join(ENGINES)})")
     args = p.parse_args()
+    for option in ("rounds", "images", "batch", "batches"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be at least 1, not {getattr(args, option)}")
+    if args.rounds * args.images < 2:
+        p.error("--rounds x --images must be at least 2 (for the latency percentiles)")
+    if len(set(args.engines)) != len(args.engines):
+        p.error("--engines: name each engine once")
 
     from idc.core.bundle import Bundle
     from idc.core.config import load_config

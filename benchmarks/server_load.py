@@ -49,11 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000, help="measured requests (default: 2000)")
     p.add_argument("--threads", type=int, default=4, help="concurrent client threads (default: 4)")
     p.add_argument("--warmup", type=int, default=50, help="requests before measuring (default: 50)")
-    p.add_argument("--max-seconds", type=float, default=600, help="stop the measurement after this long")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--max-seconds", type=float, default=600,
+                   help="stop the measurement after this many seconds (default: 600)")
+    p.add_argument("--json", help="also write the figures to this JSON file (default: none)")
     args = p.parse_args(argv)
     if not (0 < args.requests <= 100_000 and 0 < args.threads <= 64 and 0 <= args.warmup <= 10_000):
         p.error("--requests must be in 1..100000, --threads in 1..64, --warmup in 0..10000")
+    if not 0 < args.max_seconds < math.inf:
+        p.error(f"--max-seconds must be positive, not {args.max_seconds}")
     return args
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time and memory of the whole training job (sort + bottlenecks + head), and the accuracy it
+r"""Time and memory of the whole training job (sort + bottlenecks + head), and the accuracy it
 reaches on held-out patients, at several input sizes.
 
 Each size runs `trainer.py all` from scratch in its own model folder (cold bottleneck cache),
@@ -52,15 +52,22 @@ def run_size(size: int, args, out: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "confs.json"))
-    p.add_argument("--data")
-    p.add_argument("--patients-file")
-    p.add_argument("--weights")
-    p.add_argument("--feature-layers", nargs="+")
-    p.add_argument("--sizes", type=int, nargs="+", default=[299, 150, 75])
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "confs.json"), help="confs.json to start from (default: %(default)s)")
+    p.add_argument("--data", help="dataset folder in the Kaggle layout (default: dataset_dir of the config)")
+    p.add_argument("--patients-file",
+                   help="CSV of patient_id,reference_split (default: patients_file of the config)")
+    p.add_argument("--weights", help='Inception V3 weights: "imagenet", a weights file, or a TF Hub handle / '
+                                     "SavedModel dir (default: weights of the config)")
+    p.add_argument("--feature-layers", nargs="+", help="Inception V3 layers that feed the head, e.g. mixed0 mixed1 "
+                                                       "(default: feature_layers of the config)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[299, 150, 75],
+                   help="input sizes in pixels to train at, each 75..1024 (default: 299 150 75)")
     p.add_argument("--work-dir", help="keep each size's model folder here (default: a temp folder)")
     args = p.parse_args()
+    bad = [size for size in args.sizes if not 75 <= size <= 1024]
+    if bad:
+        p.error(f"--sizes must each be in 75..1024 (Inception V3), not {' '.join(map(str, bad))}")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="idc-bench-"))
     print(f"machine: {os.cpu_count()} cores; model folders under {work}")
     rows = []

@@ -1,6 +1,7 @@
 """client.py, run as a subprocess against a real waitress server (and a dead one)."""
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -61,7 +62,9 @@ def test_client_takes_files_and_folders_and_fails_on_a_bad_image(tiny_project, s
     done = run_client("--server", url + "/api/infer", folder / "a.png", bad, tmp_path / "missing.png")
     assert done.returncode == 1
     assert '"Response": "FAILED"' in done.stdout and "!! FAILED (400): corrupt image data" in done.stdout
-    assert "!! Could not read" in done.stdout and "IDC: 1" in done.stdout and "failed: 2" in done.stdout
+    assert f"!! cannot read {tmp_path / 'missing.png'}: No such file or directory" in done.stdout
+    assert "-- Sent 2 images in" in done.stdout  # the missing file is not counted as sent
+    assert "IDC: 1" in done.stdout and "failed: 2" in done.stdout
 
 
 def test_client_api_key(tiny_project, server_url):
@@ -129,3 +132,113 @@ def test_retries_back_off_and_recover(monkeypatch):
     assert delays == [0.5, 1.0, 2.0] and session.calls == 4
     with pytest.raises(requests.ConnectionError):  # bounded: retries + 1 attempts, then the error
         client.post_image(FlakySession(), "http://x/api/infer", b"img", "image/png", {}, 5, 2, 0.5)
+
+
+def dead_server():
+    """A URL on 127.0.0.1 where nothing listens: any request to it would be refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_client_says_why_when_no_images_are_found(tmp_path, content):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    if content:
+        (folder / content).write_text("not an image")
+    done = run_client("--server", dead_server(), folder)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: no images found in {folder} (PNG, JPEG, BMP or TIFF files)"
+    assert done.stdout == ""  # no summary, no request
+
+
+def test_client_counts_an_unreadable_file_as_failed_not_sent(tmp_path):
+    missing = tmp_path / "missing.png"
+    done = run_client("--server", dead_server(), "--retries", 0, missing)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"!! cannot read {missing}: No such file or directory" in done.stdout
+    assert "retrying" not in done.stdout and "Request failed" not in done.stdout  # nothing was posted
+    assert "-- Sent 0 images in" in done.stdout and "failed: 1" in done.stdout
+
+
+def test_client_sends_the_readable_images_beside_a_missing_one(tiny_project, server_url, tmp_path):
+    config, _ = tiny_project
+    missing = tmp_path / "gone.png"
+    done = run_client("--server", server_url(), missing, config.model_dir / "test" / "positive.png")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"!! cannot read {missing}: No such file or directory" in done.stdout
+    assert "-- Sent 1 images in" in done.stdout and "IDC: 1, no IDC: 0" in done.stdout and "failed: 1" in done.stdout
+
+
+@pytest.mark.parametrize("server", ["htp:/foo", "http:/foo", "ftp://edge-box:7455", "http://", "https://:7455",
+                                    "http://edge-box:port", "file:///tmp/x", "//edge-box:7455"])
+def test_client_rejects_a_malformed_server_url_up_front(tmp_path, server):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not sent")
+    started = time.monotonic()
+    done = run_client("--server", server, image)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: --server {server}: not an http(s) URL like http://HOST:7455"
+    assert done.stdout == ""  # no request attempted
+    assert time.monotonic() - started < 20
+
+
+def test_well_formed_server_urls_are_accepted():
+    sys.path.insert(0, str(ROOT))
+    import client
+
+    for server in ("edge-box:7455", "http://edge-box:7455", "https://edge-box/prefix/", "127.0.0.1:7455",
+                   "[::1]:7455", "http://[::1]:7455/api/infer", "localhost"):
+        assert client.check_server(server), server
+    for server in ("htp:/foo", "http:/foo", "ftp://edge-box", "http://", "http://edge-box:99999", ""):
+        assert not client.check_server(server), server
+
+
+def test_client_fails_at_once_when_the_host_name_does_not_resolve(tmp_path):
+    images = []
+    for name in ("a.png", "b.png"):
+        images.append(tmp_path / name)
+        images[-1].write_bytes(b"never sent")
+    started = time.monotonic()
+    done = run_client("--server", "http://no-such-host.invalid:7455", "--retries", 4, "--backoff", 1, *images)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "retrying" not in done.stdout  # a name that does not resolve is not retried
+    assert "could not resolve the host name no-such-host.invalid" in done.stdout
+    assert "2 image(s) not sent" in done.stdout and "failed: 2" in done.stdout
+    assert elapsed < 15  # 4 retries at 1, 2, 4, 8 s would take 15 s
+
+
+def test_name_resolution_failures_are_not_retried(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import requests
+    import urllib3
+
+    import client
+
+    def dns_error():
+        try:
+            try:
+                raise socket.gaierror(-2, "Name or service not known")
+            except socket.gaierror as gai:
+                raise urllib3.exceptions.NewConnectionError(None, "Failed to resolve 'x.invalid'") from gai
+        except urllib3.exceptions.NewConnectionError as new:
+            reason = new
+        return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/api/infer", reason))
+
+    class NoSuchHost:
+        calls = 0
+
+        def post(self, url, **kwargs):
+            self.calls += 1
+            raise dns_error()
+
+    delays = []
+    monkeypatch.setattr(client.time, "sleep", delays.append)
+    session = NoSuchHost()
+    with pytest.raises(requests.ConnectionError) as raised:
+        client.post_image(session, "http://x.invalid/api/infer", b"img", "image/png", {}, 5, 4, 0.5)
+    assert session.calls == 1 and delays == []
+    assert client.is_name_resolution_error(raised.value)
+    refused = requests.ConnectionError(urllib3.exceptions.MaxRetryError(
+        None, "/", urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused")))
+    assert not client.is_name_resolution_error(refused)

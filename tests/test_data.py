@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from idc.core.bundle import SPLITS, ModelDir
 from idc.training import data
@@ -66,7 +67,83 @@ def test_corrupt_images_are_skipped_counted_and_listed(tmp_path):
     assert sorted(name for name, _ in report.skipped) == sorted([str(bad), str(empty)])
     assert sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6
     rows = list(csv.reader((tmp_path / "model" / "skipped.csv").open()))
-    assert len(rows) == 3 and "skipped (unreadable or corrupt): 2" in report.table()
+    assert len(rows) == 3 and "skipped: 2 (2 unreadable or corrupt)" in report.table()
+
+
+def _sort_odd(tmp_path, add):
+    """Sort a small synthetic dataset after `add(raw)` drops odd files into it; the report and skipped.csv."""
+    raw = make_dataset(tmp_path / "raw", patients=4, per_class=3)
+    add(raw)
+    report = data.sort_dataset(raw, ModelDir(tmp_path / "model", "m"), validation_fraction=0.25,
+                               test_fraction=0.25, seed=0)
+    skipped_csv = (tmp_path / "model" / "skipped.csv").read_bytes()
+    assert b"\r" not in skipped_csv
+    rows = list(csv.reader(skipped_csv.decode().splitlines()))
+    assert rows[0] == ["file", "why"] and [tuple(r) for r in rows[1:]] == report.skipped
+    return raw, report, dict(report.skipped)
+
+
+def test_patch_in_a_folder_other_than_0_or_1_is_listed(tmp_path):
+    def add(raw):
+        (raw / "9000" / "2").mkdir()
+        Image.new("RGB", (50, 50)).save(raw / "9000" / "2" / "9000_idx5_x900_y900_class1.png")
+        Image.new("RGB", (50, 50)).save(raw / "9000" / "0" / "9000_idx5_x950_y950_class1.png")
+    raw, report, why = _sort_odd(tmp_path, add)
+    assert why[str(raw / "9000" / "2" / "9000_idx5_x900_y900_class1.png")] == \
+        "in folder 2/, not a class folder 0/ or 1/"
+    assert why[str(raw / "9000" / "0" / "9000_idx5_x950_y950_class1.png")] == "in class folder 0/ but named class1"
+    assert sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6
+
+
+def test_huge_image_named_like_a_patch_is_skipped(tmp_path):
+    huge = lambda raw: Image.new("RGB", (5000, 5000)).save(raw / "9001" / "1" / "9001_idx5_x0_y999_class1.png")
+    raw, report, why = _sort_odd(tmp_path, huge)
+    assert why == {str(raw / "9001" / "1" / "9001_idx5_x0_y999_class1.png"):
+                   "5000x5000 px, far from the dataset's 50x50 patches"}
+    assert "skipped: 1 (1 far larger than a patch)" in report.table()
+
+
+def test_small_edge_patches_are_kept_and_counted(tmp_path):
+    small = lambda raw: Image.new("RGB", (20, 30)).save(raw / "9002" / "0" / "9002_idx5_x999_y0_class0.png")
+    raw, report, why = _sort_odd(tmp_path, small)
+    assert not why and sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6 + 1
+    kept = {p.path.name for p in ModelDir(tmp_path / "model", "m").read_manifest()}
+    assert "9002_idx5_x999_y0_class0.png" in kept
+    # make_dataset writes one 50x32 edge patch per patient and class: 8, plus the 20x30 one
+    assert report.small == 9 and "patches under 50 px on a side (edge patches, kept): 9" in report.table()
+
+
+def test_corrupt_file_is_worded_for_a_dataset(tmp_path):
+    bad = lambda raw: (raw / "9003" / "1" / "9003_idx5_x999_y9_class1.png").write_bytes(b"this is no image")
+    raw, report, why = _sort_odd(tmp_path, bad)
+    assert why == {str(raw / "9003" / "1" / "9003_idx5_x999_y9_class1.png"):
+                   "unreadable: not a PNG/JPEG image (corrupt or another format)"}
+    assert "send" not in report.table()
+
+
+def test_files_not_named_like_patches_are_listed(tmp_path):
+    def add(raw):
+        (raw / "notes.txt").write_text("x")
+        (raw / "9000" / "1" / "9000_idx5_x1_y1_class2.png").write_bytes(b"")
+        (raw / "9000" / ".DS_Store").write_bytes(b"")
+    raw, report, why = _sort_odd(tmp_path, add)
+    assert why == {str(raw / "notes.txt"): "not named like an IDC patch",
+                   str(raw / "9000" / "1" / "9000_idx5_x1_y1_class2.png"): "not named like an IDC patch",
+                   str(raw / "9000" / ".DS_Store"): "hidden or system file"}
+    assert report.skipped[-1][0] == str(raw / "9000" / ".DS_Store")  # clutter listed last
+
+
+def test_table_counts_every_reason(tmp_path):
+    def add(raw):
+        (raw / "readme.md").write_text("x")
+        (raw / "9000" / "2").mkdir()
+        Image.new("RGB", (50, 50)).save(raw / "9000" / "2" / "9000_idx5_x900_y900_class1.png")
+        Image.new("RGB", (300, 300)).save(raw / "9001" / "0" / "9001_idx5_x900_y0_class0.png")
+        (raw / "9002" / "0" / "9002_idx5_x900_y0_class0.png").write_bytes(b"")
+    raw, report, why = _sort_odd(tmp_path, add)
+    assert ("skipped: 4 (1 not named like an IDC patch, 1 in a class folder other than 0/1, "
+            "1 far larger than a patch, 1 unreadable or corrupt)") in report.table()
+    assert why[str(raw / "9002" / "0" / "9002_idx5_x900_y0_class0.png")] == "unreadable: empty file: no image data"
 
 
 def test_balance_to_count_per_class(tmp_path):
