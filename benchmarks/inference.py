@@ -26,7 +26,7 @@ ENGINES = ("TensorFlow", "FP32", "FP16", "INT8")
 
 
 def worker(engine: str, config_path: str, images: list[bytes], pipe) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from idc.core.config import load_config
     from idc.core.preprocessing import decode_image
     from idc.edge.engine import load_classifier

@@ -146,6 +146,10 @@ def test_retraining_at_another_size_recomputes_the_bottlenecks(tmp_path):
     again = train(resized, trunk=tiny_trunk(80))
     assert again["bottleneck_cache"]["train"] == {"hits": 0, "computed": computed}
     assert Bundle.load(config.model.root).image_size == 80
+    from idc.core.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="the 'test' split in .* is empty"):  # test_fraction 0: no test patients
+        evaluate(resized, split="test")
 
 
 def test_balanced_accuracy_is_not_plain_accuracy_on_imbalanced_labels():
