@@ -34,7 +34,8 @@ def test_exported_model_beats_chance_on_held_out_patients(trained, capsys):
     config, _ = trained
     result = evaluate(config, split="test")
     out = capsys.readouterr().out
-    assert "Final Streaming Accuracy:" in out and "Global Step 2: Streaming Accuracy:" in out
+    assert "INFO:tensorflow:Final Streaming Accuracy:" in out and "INFO:tensorflow:Global Step 2: Streaming Accuracy:" in out
+    assert "balanced_accuracy" in out and "95% CI [" in out and "average confidence of correct answers" in out
     assert result["patients"] == 2 and result["patches"] == 32
     assert result["balanced_accuracy"] >= 0.9  # separable classes: chance is 0.5
     report = config.model_dir / "reports" / "test"

@@ -62,3 +62,44 @@ def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
             "sensitivity": round(float(pred[positives].mean()), 4) if positives.any() else None,
         })
     return table
+
+
+INTERVAL_METRICS = ("balanced_accuracy", "f1_idc", "sensitivity", "specificity", "roc_auc")
+
+
+def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """The INTERVAL_METRICS of one (resampled) set, in NumPy (fast enough for a bootstrap)."""
+    from scipy.stats import rankdata
+
+    pred = p >= threshold
+    positives, negatives = y == 1, y == 0
+    tp, fn = int((pred & positives).sum()), int((~pred & positives).sum())
+    tn, fp = int((~pred & negatives).sum()), int((pred & negatives).sum())
+    sensitivity = tp / (tp + fn) if tp + fn else np.nan
+    specificity = tn / (tn + fp) if tn + fp else np.nan
+    n_pos, n_neg = int(positives.sum()), int(negatives.sum())
+    # ROC AUC as the Mann-Whitney U statistic (ties count half), as sklearn computes it.
+    auc = ((rankdata(p)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else np.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan
+    return {"balanced_accuracy": (sensitivity + specificity) / 2, "f1_idc": f1, "sensitivity": sensitivity,
+            "specificity": specificity, "roc_auc": auc}
+
+
+def patient_bootstrap(patients, labels, p_idc, threshold: float, rounds: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> dict[str, list[float]]:
+    """Percentile confidence intervals of INTERVAL_METRICS by bootstrap over PATIENTS: patches of
+    one patient are not independent, so whole patients are resampled (with replacement)."""
+    y, p = np.asarray(labels, dtype=int), np.asarray(p_idc, dtype=float)
+    by_patient = defaultdict(list)
+    for index, patient in enumerate(patients):
+        by_patient[patient].append(index)
+    groups = [np.array(indices) for indices in by_patient.values()]
+    rng = np.random.default_rng(seed)
+    samples = {name: [] for name in INTERVAL_METRICS}
+    for _ in range(rounds):
+        chosen = np.concatenate([groups[i] for i in rng.integers(len(groups), size=len(groups))])
+        for name, value in _rates(y[chosen], p[chosen], threshold).items():
+            samples[name].append(value)
+    tail = (1 - level) / 2 * 100
+    return {name: [round(float(v), 4) for v in np.nanpercentile(values, [tail, 100 - tail])]
+            if not np.all(np.isnan(values)) else [float("nan"), float("nan")] for name, values in samples.items()}

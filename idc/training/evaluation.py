@@ -49,10 +49,10 @@ def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: 
         seen += len(batch)
         kept += batch
         probabilities.append(p)
-        if (step + 1) % print_every == 0 or step == steps - 1:
-            echo(f"Global Step {step + 1}: Streaming Accuracy: {correct / seen:.4f} "
+        if step == 0 or (step + 1) % print_every == 0 or step == steps - 1:  # the article's lines
+            echo(f"INFO:tensorflow:Global Step {step + 1}: Streaming Accuracy: {correct / seen:.4f} "
                  f"({time.perf_counter() - started:.2f} sec/step)")
-    echo(f"Final Streaming Accuracy: {correct / max(seen, 1):.4f}")
+    echo(f"INFO:tensorflow:Final Streaming Accuracy: {correct / max(seen, 1):.4f}")
     return kept, (np.concatenate(probabilities) if probabilities else np.zeros(0)), skipped
 
 
@@ -84,6 +84,13 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     threshold = engine.threshold
     predicted, review = metrics.decide(p, threshold, engine.review_band)
     result = metrics.classification_metrics(labels, p, threshold)
+    # Patients, not patches, are the independent units: intervals by bootstrap over patients.
+    result["intervals_95"] = metrics.patient_bootstrap([x.patient for x in kept], labels, p, threshold,
+                                                       seed=config.classifier.random_seed)
+    correct = (p >= threshold) == (labels == 1)
+    # The article's "average confidence of correct answers" (0.96 there): P of the class given.
+    result["mean_confidence_correct"] = float(np.where(p >= threshold, p, 1 - p)[correct].mean()) \
+        if correct.any() else float("nan")
     patients = metrics.per_patient([x.patient for x in kept], labels, p, threshold)
     false_negatives = (labels == 1) & (predicted == 0)
     result.update({
@@ -118,10 +125,14 @@ def summary(result: dict) -> str:
     names = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1_idc", "roc_auc"]
     lines = [f"Evaluated {result['patches']} patches of {result['patients']} patients "
              f"({result['evaluated_on']}) at threshold {result['threshold']}:"]
-    lines += [f"  {n:<18} {result[n]:.4f}" for n in names]
+    intervals = result.get("intervals_95", {})
+    lines += [f"  {n:<18} {result[n]:.4f}" + (f"  95% CI [{intervals[n][0]:.4f}, {intervals[n][1]:.4f}]"
+                                              if n in intervals else "") for n in names]
     lines.append(f"  confusion matrix   TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}")
     lines.append(f"  needs review       {result['needs_review']} patches, holding "
                  f"{result['false_negatives_flagged_for_review']} of the {cm['fn']} false negatives")
+    lines.append(f"  average confidence of correct answers {result['mean_confidence_correct']:.4f}")
+    lines.append("  (95% CI: bootstrap over patients, 1000 rounds)")
     return "\n".join(lines)
 
 
