@@ -159,3 +159,21 @@ def test_balanced_accuracy_is_not_plain_accuracy_on_imbalanced_labels():
     result = classification_metrics([0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4], threshold=0.5)
     assert result["accuracy"] == 0.75 and result["balanced_accuracy"] == 0.5
     assert (result["sensitivity"], result["specificity"]) == (0.0, 1.0)
+
+
+def test_training_chooses_the_decision_rule_on_validation_patients(tmp_path, capsys):
+    from idc.core.bundle import Bundle
+
+    make_dataset(tmp_path / "raw", patients=6, per_class=6)
+    config = load_config(write_config(tmp_path, epochs=5, train_views=["identity"],
+                                      decision_rule_from_validation=True))
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.34, test_fraction=0.17, seed=0)
+    record = train(config, trunk=tiny_trunk())
+    bundle = Bundle.load(config.model.root)
+    assert bundle.threshold_source.startswith("validation: balanced accuracy") and "2 patients" in bundle.threshold_source
+    assert record["decision_rule"]["threshold"] == bundle.threshold and 0.05 <= bundle.threshold <= 0.95
+    result = evaluate(config, split="test")
+    assert result["threshold"] == bundle.threshold
+    if bundle.slide_context:  # chosen only where it helps on validation; then reported beside patch-alone
+        assert result["slide_context"]["threshold"] == bundle.slide_context["threshold"]
+        assert "With slide context" in capsys.readouterr().out

@@ -157,6 +157,8 @@ class Bundle:
     created_at: str
     project_version: str
     format: int = BUNDLE_FORMAT
+    threshold_source: str = "confs.json"  # how training chose the threshold
+    slide_context: dict | None = None  # {radius, weight, threshold}: see idc.core.context; None: patch-alone
     precision: str | None = None  # set in an IR's copy: FP32, FP16 or INT8; None for the Keras model
     compiled_with: str | None = None  # the OpenVINO version that compiled an IR
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,7 @@ class ClassifierSettings:
     review_band: float
     threshold_override: float | None
     review_band_override: float | None
+    decision_rule_from_validation: bool
 
     def check(self) -> None:
         _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
@@ -112,6 +114,10 @@ class ServerSettings:
     tls_key: str | None
     connection_limit: int
     idle_timeout: int
+    review_db: str | None
+    review_all_idc: bool
+    batch_max_files: int
+    batch_max_unzipped_bytes: int
 
     def check(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be a TCP port number (0..65535)")
@@ -120,6 +126,10 @@ class ServerSettings:
         _require(0 < self.idle_timeout <= 600, "idle_timeout", "must be 1..600 seconds")
         _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be positive")
         _require((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key", "give both or neither")
+        _require(self.review_db is None or self.review_db.strip() != "", "review_db",
+                 "must be a file path, or null for review.sqlite3 in the model directory")
+        _require(0 < self.batch_max_files <= 100_000, "batch_max_files", "must be in 1..100000")
+        _require(self.batch_max_unzipped_bytes > 0, "batch_max_unzipped_bytes", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +147,30 @@ class MQTTSettings:
     Zone: str
     Server: str
     Alarm: str
+    Tester: str
     queue_size: int
+    session_expiry: int
+    stale_after_seconds: float
+    status_online: str
+    status_offline: str
+    home_assistant: bool
+    discovery_prefix: str
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "port", "must be a TCP port number")
         _require(self.queue_size > 0, "queue_size", "must be positive")
-        for key in ("Location", "Zone", "Server", "Alarm"):
+        for key in ("Location", "Zone", "Server", "Alarm", "Tester"):
             value = getattr(self, key)
             _require(value and not set(value) & set("/+#"), key, "must be a non-empty topic level without / + #")
+        names = [self.Server, self.Alarm, self.Tester]
+        _require(len(set(names)) == 3, "Server/Alarm/Tester", "must be three different device names")
+        # MQTT 5 session expiry interval: a 4-byte number of seconds.
+        _require(0 <= self.session_expiry < 2 ** 32, "session_expiry", "must be 0..4294967295 seconds")
+        _require(self.stale_after_seconds > 0, "stale_after_seconds", "must be positive")
+        _require(self.status_online and self.status_offline and self.status_online != self.status_offline,
+                 "status_online/status_offline", "must be two different non-empty strings")
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", self.discovery_prefix)),
+                 "discovery_prefix", "must be a topic prefix of letters, digits, _ and - (e.g. homeassistant)")
 
 
 @dataclasses.dataclass(frozen=True)

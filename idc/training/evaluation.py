@@ -17,6 +17,7 @@ import numpy as np
 from idc.core import metrics
 from idc.core.bundle import Patch
 from idc.core.config import Config
+from idc.core.context import with_context
 from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
 from idc.core.preprocessing import decode_image
 from idc.edge.engine import load_classifier
@@ -101,6 +102,10 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
         "streaming_accuracy_at_0.5": float(((p >= 0.5) == labels).mean()),
     })
 
+    if engine.bundle.slide_context:  # patients classified together: their neighbours inform each patch
+        result["slide_context"] = slide_context_metrics(kept, labels, p, engine.bundle.slide_context,
+                                                        config.classifier.random_seed)
+
     rows = [{"file": str(x.path), "patient": x.patient, "x": x.x, "y": x.y, "label": x.label,
              "p_idc": round(float(pi), 6), "predicted": int(pr), "needs_review": bool(rv)}
             for x, pi, pr, rv in zip(kept, p, predicted, review)]
@@ -120,18 +125,38 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     return result
 
 
+def slide_context_metrics(patches: list[Patch], labels: np.ndarray, p: np.ndarray, rule: dict, seed: int) -> dict:
+    """The metrics when each patch's neighbours on the slide inform its decision (the bundle's rule)."""
+    patients = [x.patient for x in patches]
+    p_context = with_context(patients, [x.x for x in patches], [x.y for x in patches], p, rule["radius"],
+                             rule["weight"])
+    result = metrics.classification_metrics(labels, p_context, rule["threshold"])
+    result["intervals_95"] = metrics.patient_bootstrap(patients, labels, p_context, rule["threshold"], seed=seed)
+    return {"radius": rule["radius"], "weight": rule["weight"], **result}
+
+
+def _metric_lines(result: dict) -> list[str]:
+    names = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1_idc", "roc_auc"]
+    intervals = result.get("intervals_95", {})
+    lines = [f"  {n:<18} {result[n]:.4f}" + (f"  95% CI [{intervals[n][0]:.4f}, {intervals[n][1]:.4f}]"
+                                             if n in intervals else "") for n in names]
+    cm = result["confusion_matrix"]
+    return lines + [f"  confusion matrix   TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}"]
+
+
 def summary(result: dict) -> str:
     cm = result["confusion_matrix"]
-    names = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1_idc", "roc_auc"]
     lines = [f"Evaluated {result['patches']} patches of {result['patients']} patients "
-             f"({result['evaluated_on']}) at threshold {result['threshold']}:"]
-    intervals = result.get("intervals_95", {})
-    lines += [f"  {n:<18} {result[n]:.4f}" + (f"  95% CI [{intervals[n][0]:.4f}, {intervals[n][1]:.4f}]"
-                                              if n in intervals else "") for n in names]
-    lines.append(f"  confusion matrix   TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}")
+             f"({result['evaluated_on']}) at threshold {result['threshold']}, each patch alone:"]
+    lines += _metric_lines(result)
     lines.append(f"  needs review       {result['needs_review']} patches, holding "
                  f"{result['false_negatives_flagged_for_review']} of the {cm['fn']} false negatives")
     lines.append(f"  average confidence of correct answers {result['mean_confidence_correct']:.4f}")
+    context = result.get("slide_context")
+    if context:
+        lines.append(f"With slide context (neighbours within {context['radius']} patches, weight {context['weight']}) "
+                     f"at threshold {context['threshold']}:")
+        lines += _metric_lines(context)
     lines.append("  (95% CI: bootstrap over patients, 1000 rounds)")
     return "\n".join(lines)
 

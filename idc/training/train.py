@@ -17,7 +17,7 @@ from collections import Counter
 import keras
 import numpy as np
 
-from idc.training import bottleneck, data
+from idc.training import bottleneck, calibration, data
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
@@ -172,11 +172,14 @@ def train(config: Config, trunk=None) -> dict:
     model.root.mkdir(parents=True, exist_ok=True)
     classifier.save(model.keras_model)
     model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
+    rule = {"threshold": settings.InceptionThreshold, "slide_context": None, "threshold_source": "confs.json"}
+    if settings.decision_rule_from_validation and splits["validation"]:
+        rule = choose_decision_rule(classifier, splits["validation"], settings.image_size, settings.batch_size)
     bundle = Bundle.new(
         model_name=settings.model_name, image_size=settings.image_size, feature_layers=list(settings.feature_layers),
         pooling=settings.pooling, train_views=list(settings.train_views),
-        test_time_augmentation=settings.test_time_augmentation, threshold=settings.InceptionThreshold,
-        review_band=settings.review_band, weights=weights_id, data_fingerprint=model.fingerprint())
+        test_time_augmentation=settings.test_time_augmentation, review_band=settings.review_band,
+        weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
     bundle.save(model.root)
     record = {
         "model": str(model.keras_model),
@@ -189,6 +192,7 @@ def train(config: Config, trunk=None) -> dict:
         "data": {split: {"patients": len({p.patient for p in ps}),
                          "patches": dict(sorted(Counter(str(p.label) for p in ps).items()))}
                  for split, ps in splits.items()},
+        "decision_rule": rule,
         "epochs_run": len(history["loss"]),
         "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},
         "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
@@ -197,6 +201,25 @@ def train(config: Config, trunk=None) -> dict:
     }
     model.training_record.write_text(json.dumps(record, indent=2))
     return record
+
+
+def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int) -> dict:
+    """Threshold and slide-context rule chosen on the validation patients, with the exported model
+    (test-time augmentation included), as the bundle records them."""
+    p = np.concatenate([
+        np.asarray(classifier.predict_on_batch(preprocess([decode_image(x.path) for x in validation[i:i + batch_size]],
+                                                          image_size)))[:, 1]
+        for i in range(0, len(validation), batch_size)])
+    labels = np.array([x.label for x in validation])
+    threshold, balanced = calibration.best_threshold(labels, p)
+    context = calibration.best_slide_context([x.patient for x in validation], [x.x for x in validation],
+                                             [x.y for x in validation], labels, p)
+    patients = len({x.patient for x in validation})
+    log.info("decision rule chosen on %d validation patients: threshold %.3f (balanced accuracy %.4f); "
+             "slide context radius %d, weight %.1f, threshold %.3f (%.4f)", patients, threshold, balanced,
+             context["radius"], context["weight"], context["threshold"], context["validation_balanced_accuracy"])
+    return {"threshold": threshold, "slide_context": context if context["weight"] > 0 else None,
+            "threshold_source": f"validation: balanced accuracy {balanced:.4f} on {patients} patients"}
 
 
 def _versions() -> dict:

@@ -1,0 +1,54 @@
+"""The decision rule chosen on validation patients: threshold and slide context."""
+
+import numpy as np
+import pytest
+
+from idc.core.context import neighbour_mean, with_context
+from idc.training.calibration import best_slide_context, best_threshold
+
+
+def test_best_threshold_maximises_balanced_accuracy_on_a_grid():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.62, 0.65, 0.9])
+    # any threshold in (0.62, 0.65] separates the classes; the grid's first such value is 0.625
+    assert best_threshold(labels, p) == (0.625, 1.0)
+    # ties are broken towards 0.5: perfectly separable at every threshold in (0.3, 0.7]
+    assert best_threshold(np.array([0, 1]), np.array([0.3, 0.7]))[0] == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        best_threshold(np.array([1, 1]), np.array([0.2, 0.9]))
+
+
+def test_neighbour_mean_follows_the_slide_grid():
+    # a 3x3 block of one patient at the dataset's 50 px grid (x, y offsets like the real names),
+    # and a lone patch of another patient at the same place
+    xs = [1001 + 50 * c for r in range(3) for c in range(3)] + [1051]
+    ys = [451 + 50 * r for r in range(3) for c in range(3)] + [501]
+    patients = ["a"] * 9 + ["b"]
+    p = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.9, 0.9, 0.9, 0.5])
+    means = neighbour_mean(patients, xs, ys, p, radius=1)
+    assert means[4] == pytest.approx(2.7 / 8)  # the centre: its 8 neighbours, not itself
+    assert means[0] == pytest.approx(1.0 / 3)  # a corner: 3 neighbours
+    assert np.isnan(means[9])  # patient b has no neighbours (a's patches are not b's)
+    blended = with_context(patients, xs, ys, p, radius=1, weight=0.5)
+    assert blended[4] == pytest.approx(0.5 * 1.0 + 0.5 * 2.7 / 8) and blended[9] == 0.5
+
+
+def test_context_is_chosen_when_contiguous_regions_make_it_pay():
+    rng = np.random.default_rng(0)
+    xs, ys, patients, labels = [], [], [], []
+    for patient in range(6):  # IDC in the left half of each 12x12 slide
+        for row in range(12):
+            for column in range(12):
+                xs.append(50 * column + 1)
+                ys.append(50 * row + 1)
+                patients.append(str(patient))
+                labels.append(int(column < 6))
+    labels = np.array(labels)
+    p = np.clip(0.5 + (labels - 0.5) * 0.3 + rng.normal(0, 0.25, len(labels)), 0, 1)  # noisy patches
+    alone = best_threshold(labels, p)[1]
+    rule = best_slide_context(patients, xs, ys, labels, p)
+    assert rule["weight"] > 0 and rule["validation_balanced_accuracy"] > alone + 0.05, (rule, alone)
+    # no spatial structure: context cannot help, patch-alone (weight 0) is kept
+    shuffled = rng.permutation(len(labels))
+    flat = best_slide_context(patients, np.array(xs)[shuffled], np.array(ys)[shuffled], labels, p)
+    assert flat["validation_balanced_accuracy"] <= alone + 0.02
