@@ -52,3 +52,21 @@ def test_context_is_chosen_when_contiguous_regions_make_it_pay():
     shuffled = rng.permutation(len(labels))
     flat = best_slide_context(patients, np.array(xs)[shuffled], np.array(ys)[shuffled], labels, p)
     assert flat["validation_balanced_accuracy"] <= alone + 0.02
+
+
+def test_the_review_band_is_the_widest_within_the_share_and_never_lowers_sensitivity():
+    from idc.training.calibration import widest_review_band
+
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    p = np.array([0.45, 0.38, 0.9, 0.95, 0.52, 0.1, 0.2, 0.05, 0.15, 0.3])
+    review = widest_review_band(labels, p, threshold=0.5, max_share=0.2)
+    # 0.45 and 0.52 are within 0.05 of the threshold; 0.38 needs a band over 0.12 (a third patch)
+    assert review["share_flagged"] == 0.2 and 0.05 < review["review_band"] <= 0.12
+    assert review["misses_held"] == 0.5  # one of the two misses (0.45, not 0.38)
+    wider = widest_review_band(labels, p, threshold=0.5, max_share=0.3)
+    assert wider["misses_held"] == 1.0 and wider["review_band"] > review["review_band"]
+    # the band only flags: the decision at the threshold, hence sensitivity, is unchanged
+    from idc.core.metrics import decide
+
+    for band in (0.0, review["review_band"], wider["review_band"]):
+        assert decide(p, 0.5, band)[0].tolist() == (p >= 0.5).astype(int).tolist()

@@ -172,6 +172,9 @@ def test_training_chooses_the_decision_rule_on_validation_patients(tmp_path, cap
     bundle = Bundle.load(config.model.root)
     assert bundle.threshold_source.startswith("validation: balanced accuracy") and "2 patients" in bundle.threshold_source
     assert record["decision_rule"]["threshold"] == bundle.threshold and 0.05 <= bundle.threshold <= 0.95
+    validation = record["decision_rule"]["validation"]  # the band within review_share, and the trade-off
+    assert validation["review_band"] == bundle.review_band and validation["share_flagged"] <= 0.1
+    assert [row["threshold"] for row in validation["tradeoff"]][:2] == [0.1, 0.15]
     result = evaluate(config, split="test")
     assert result["threshold"] == bundle.threshold
     if bundle.slide_context:  # chosen only where it helps on validation; then reported beside patch-alone

@@ -56,12 +56,14 @@ class ClassifierSettings:
     threshold_override: float | None
     review_band_override: float | None
     decision_rule_from_validation: bool
+    review_share: float
 
     def check(self) -> None:
         _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
         _require(0.0 <= self.review_band < 0.5, "review_band", "must be in [0, 0.5)")
         _require(self.threshold_override is None or 0.0 < self.threshold_override < 1.0, "threshold_override",
                  "must be null or between 0 and 1")
+        _require(0.0 <= self.review_share < 1.0, "review_share", "must be a fraction in [0, 1)")
         _require(self.review_band_override is None or 0.0 <= self.review_band_override < 0.5,
                  "review_band_override", "must be null or in [0, 0.5)")
         _require(75 <= self.image_size <= 1024, "image_size", "Inception V3 needs 75..1024 px")

@@ -1,5 +1,6 @@
 """The decision rule chosen on VALIDATION patients (never test): the threshold that maximises
-balanced accuracy, and the slide-context rule (radius, weight, threshold) that does, both written
+balanced accuracy, the review band that sends at most a given share of patches to a human, and
+the slide-context rule (radius, weight, threshold) that maximises balanced accuracy; all written
 into the model bundle by training."""
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ def best_threshold(labels, p_idc) -> tuple[float, float]:
     best = np.flatnonzero(np.isclose(balanced, balanced.max()))
     chosen = best[np.argmin(np.abs(THRESHOLDS[best] - 0.5))]
     return float(THRESHOLDS[chosen]), float(balanced[chosen])
+
+
+def widest_review_band(labels, p_idc, threshold: float, max_share: float) -> dict:
+    """The widest band around the threshold that flags at most `max_share` of the patches: for that
+    many patches it catches the most misses (a wider band never loses one). With the share of
+    patches flagged and of the misses (false negatives) it holds."""
+    y, p = np.asarray(labels), np.asarray(p_idc, dtype=float)
+    missed = (y == 1) & (p < threshold)
+    band = 0.0
+    for candidate in np.round(np.arange(0.005, 0.5, 0.005), 3):
+        if (np.abs(p - threshold) < candidate).mean() > max_share:
+            break
+        band = float(candidate)
+    flagged = np.abs(p - threshold) < band
+    return {"review_band": band, "share_flagged": round(float(flagged.mean()), 4),
+            "misses_held": round(float((flagged & missed).sum() / missed.sum()), 4) if missed.any() else None}
+
+
+def tradeoff(labels, p_idc, review_band: float, thresholds=np.round(np.arange(0.1, 0.91, 0.05), 2)) -> list[dict]:
+    """Sensitivity, specificity and the share sent to review along the threshold."""
+    y, p = np.asarray(labels), np.asarray(p_idc, dtype=float)
+    return [{"threshold": float(t), "sensitivity": round(float((p[y == 1] >= t).mean()), 4),
+             "specificity": round(float((p[y == 0] < t).mean()), 4),
+             "share_to_review": round(float((np.abs(p - t) < review_band).mean()), 4)} for t in thresholds]
 
 
 def best_slide_context(patients, xs, ys, labels, p_idc) -> dict:

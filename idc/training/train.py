@@ -172,14 +172,16 @@ def train(config: Config, trunk=None) -> dict:
     model.root.mkdir(parents=True, exist_ok=True)
     classifier.save(model.keras_model)
     model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
-    rule = {"threshold": settings.InceptionThreshold, "slide_context": None, "threshold_source": "confs.json"}
+    rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
+                               "slide_context": None, "threshold_source": "confs.json"}, None
     if settings.decision_rule_from_validation and splits["validation"]:
-        rule = choose_decision_rule(classifier, splits["validation"], settings.image_size, settings.batch_size)
+        rule, validation_report = choose_decision_rule(classifier, splits["validation"], settings.image_size,
+                                                       settings.batch_size, settings.review_share)
     bundle = Bundle.new(
         model_name=settings.model_name, image_size=settings.image_size, feature_layers=list(settings.feature_layers),
         pooling=settings.pooling, train_views=list(settings.train_views),
-        test_time_augmentation=settings.test_time_augmentation, review_band=settings.review_band,
-        weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
+        test_time_augmentation=settings.test_time_augmentation, weights=weights_id,
+        data_fingerprint=model.fingerprint(), **rule)
     bundle.save(model.root)
     record = {
         "model": str(model.keras_model),
@@ -192,7 +194,7 @@ def train(config: Config, trunk=None) -> dict:
         "data": {split: {"patients": len({p.patient for p in ps}),
                          "patches": dict(sorted(Counter(str(p.label) for p in ps).items()))}
                  for split, ps in splits.items()},
-        "decision_rule": rule,
+        "decision_rule": {**rule, "validation": validation_report},
         "epochs_run": len(history["loss"]),
         "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},
         "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
@@ -203,7 +205,8 @@ def train(config: Config, trunk=None) -> dict:
     return record
 
 
-def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int) -> dict:
+def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int,
+                         review_share: float) -> tuple[dict, dict]:
     """Threshold and slide-context rule chosen on the validation patients, with the exported model
     (test-time augmentation included), as the bundle records them."""
     p = np.concatenate([
@@ -212,14 +215,19 @@ def choose_decision_rule(classifier, validation: list[data.Patch], image_size: i
         for i in range(0, len(validation), batch_size)])
     labels = np.array([x.label for x in validation])
     threshold, balanced = calibration.best_threshold(labels, p)
+    review = calibration.widest_review_band(labels, p, threshold, review_share)
     context = calibration.best_slide_context([x.patient for x in validation], [x.x for x in validation],
                                              [x.y for x in validation], labels, p)
     patients = len({x.patient for x in validation})
-    log.info("decision rule chosen on %d validation patients: threshold %.3f (balanced accuracy %.4f); "
-             "slide context radius %d, weight %.1f, threshold %.3f (%.4f)", patients, threshold, balanced,
-             context["radius"], context["weight"], context["threshold"], context["validation_balanced_accuracy"])
-    return {"threshold": threshold, "slide_context": context if context["weight"] > 0 else None,
+    log.info("decision rule chosen on %d validation patients: threshold %.3f (balanced accuracy %.4f); review band "
+             "%.3f (%.1f %% of patches, holding %s of the misses); slide context radius %d, weight %.1f, "
+             "threshold %.3f (%.4f)", patients, threshold, balanced, review["review_band"],
+             100 * review["share_flagged"], review["misses_held"], context["radius"], context["weight"],
+             context["threshold"], context["validation_balanced_accuracy"])
+    rule = {"threshold": threshold, "review_band": review["review_band"],
+            "slide_context": context if context["weight"] > 0 else None,
             "threshold_source": f"validation: balanced accuracy {balanced:.4f} on {patients} patients"}
+    return rule, {**review, "tradeoff": calibration.tradeoff(labels, p, review["review_band"])}
 
 
 def _versions() -> dict:
