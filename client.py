@@ -164,6 +164,11 @@ def main(argv=None) -> int:
         print(f"error: no images found in {', '.join(args.images)} (PNG, JPEG, BMP or TIFF files)",
               file=sys.stderr)
         return 2
+    # The 2018 client's start-up lines (../shared/docs/ARTICLE-OUTPUT.md), once the arguments are good.
+    print("!! Welcome to IDC Classification Client, please wait while the program initiates !!\n")
+    print(f"-- Running on Python {sys.version}\n")
+    print("-- Imported Required Modules")
+    print("-- IDC Classification Client Initiated\n")
     headers = {"X-API-Key": api_key} if api_key else {}
     counts = {"IDC": 0, "no IDC": 0, "needs review": 0, "failed": 0}
     sent = 0

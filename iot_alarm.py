@@ -8,6 +8,8 @@ a blue LED and a buzzer through gpiozero (pins and topics from confs.json, secti
 
 IDC: red LED + buzzer for Alarm.buzzer_seconds; no IDC: blue LED; needs review: red LED blinking.
 {"Command": "ACK"} on the alarm's Commands topic (or the optional button) silences the buzzer.
+Its MQTT session is persistent: results published while it was off arrive when it starts; one older
+than IoTJumpWay.stale_after_seconds lights the LEDs without the buzzer.
 Stops cleanly (Status OFFLINE) on Ctrl-C or SIGTERM.
 """
 

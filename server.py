@@ -9,6 +9,11 @@ see idc/edge/api.py), publishes every result over MQTT when IoTJumpWay.enabled, 
 Ctrl-C or SIGTERM. Serving an IR needs no TensorFlow. The model is loaded and warmed up (a first
 inference on every infer request) before the port is opened, so the first requests never race
 the engine's initialisation.
+
+Every request prints the 2018 article's console block on stdout (`-- Loading Sample`, `-- Loaded
+Sample`, timings, `TASS Identified IDC with a confidence of ...`, the top-2 classes), and every
+result the broker acknowledges `-- Published: N` / `-- Published to Device Sensors Channel`; the
+log (stderr) is unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def main() -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = with_overrides(config, "Server", **overrides)
+    from idc.edge import console
     from idc.edge.api import create_app, serve
     from idc.edge.engine import load_classifier
     from idc.iot.mqtt import ResultPublisher
@@ -63,11 +69,12 @@ def main() -> int:
     elif config.Server.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set Server.api_key in confs.json)", config.Server.host)
-    publisher = ResultPublisher(config).start()  # does nothing unless IoTJumpWay.enabled
+    # Does nothing unless IoTJumpWay.enabled.
+    publisher = ResultPublisher(config, on_published=console.published).start()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     try:
-        serve(create_app(config, classifier, publisher), config)
+        serve(create_app(config, console.ConsoleClassifier(classifier), publisher), config)
     finally:
         log.info("stopping")
         publisher.stop()

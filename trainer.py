@@ -4,6 +4,7 @@
   python trainer.py sort    # dataset -> model/{train,validation,test}/{0,1} + manifest.csv
   python trainer.py train   # bottlenecks (cached) -> new softmax head -> model/DevCloudIDC.keras + model.json
   python trainer.py all     # sort, train, then evaluate on the test patients
+  python trainer.py all --extra-labels reviews.csv   # also train on patches reviewed at the edge
 
 Options given here are remembered in the model directory (trainer_options.json): a later
 `trainer.py train` or `trainer.py all` without them uses them again, and says so.
@@ -44,6 +45,8 @@ def main() -> int:
     p.add_argument("--image-size", type=int, help="input size in pixels, 75..1024 (the article: 299)")
     p.add_argument("--samples-per-class", type=samples_per_class, help='training patches per class, or "all"')
     p.add_argument("--model-dir", help="where artefacts go (default: model_dir)")
+    p.add_argument("--extra-labels", metavar="CSV", help="also train on the patches reviewed at the edge "
+                   "(the review station's CSV export), added to the training split after sorting")
     args = p.parse_args()
     config = cli.setup(args)
     if args.model_dir:
@@ -65,6 +68,13 @@ def main() -> int:
 
     if args.step in ("sort", "all"):
         sort(config)
+    if args.extra_labels:
+        from idc.training.data import add_extra_labels
+
+        added, left_out = add_extra_labels(Path(args.extra_labels).resolve(), config.model)
+        for why in left_out:
+            log.warning("extra labels: left out %s", why)
+        print(f"extra labels: {added} reviewed patches added to the training split ({len(left_out)} left out)")
     if args.step in ("train", "all"):
         from idc.training.train import train
 

@@ -80,10 +80,13 @@ def load_patches(model_dir: Path) -> list[bytes]:
 
 
 def write_bench_config(config_path: Path, model_dir: Path, port: int, folder: Path) -> Path:
-    """A copy of confs.json: the model folder given, 127.0.0.1:<port>, MQTT, archive and TLS off."""
+    """A copy of confs.json: the model folder given, 127.0.0.1:<port>, MQTT, archive and TLS off, the
+    review queue in `folder`."""
     raw = json.loads(config_path.read_text())
     raw["ClassifierSettings"]["model_dir"] = str(model_dir)
-    raw["Server"].update(host=HOST, port=port, archive_dir=None, tls_cert=None, tls_key=None)
+    # The review queue goes to the temporary folder, not the model directory (flagged patches are still written).
+    raw["Server"].update(host=HOST, port=port, archive_dir=None, tls_cert=None, tls_key=None,
+                         review_db=str(folder / "review.sqlite3"))
     raw["IoTJumpWay"]["enabled"] = False
     path = folder / "confs.json"
     path.write_text(json.dumps(raw, indent=2))

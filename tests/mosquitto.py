@@ -11,7 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-TEST_USERS = {"edge": "edge-secret", "alarm": "alarm-secret"}  # name -> password for the auth broker
+# name -> password for the auth broker: the users of the example ACL (examples/mosquitto/idc.acl)
+TEST_USERS = {"edge": "edge-secret", "alarm": "alarm-secret", "operator": "operator-secret"}
+EXAMPLE_ACL = Path(__file__).resolve().parent.parent / "examples" / "mosquitto" / "idc.acl"
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 
 
@@ -28,7 +30,8 @@ def free_port() -> int:
 
 class Mosquitto:
     """One broker process on 127.0.0.1. `users` turns on a password file and refuses anonymous clients;
-    `tls` is (ca, cert, key) paths for a TLS listener; `persistence` keeps sessions across restarts."""
+    `tls` is (ca, cert, key) paths for a TLS listener; `persistence` keeps sessions across restarts;
+    `acl_file` restricts what each user may publish and read (mosquitto's acl_file)."""
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path, Path] | None = None,
         persistence: bool = False,
+        acl_file: Path | None = None,
     ):
         self.binary = find_tool("mosquitto")
         if self.binary is None:
@@ -47,9 +51,9 @@ class Mosquitto:
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path = self.workdir / "mosquitto.conf"
         self._process: subprocess.Popen | None = None
-        self._write_config(users, tls, persistence)
+        self._write_config(users, tls, persistence, acl_file)
 
-    def _write_config(self, users, tls, persistence) -> None:
+    def _write_config(self, users, tls, persistence, acl_file=None) -> None:
         lines = [
             f"listener {self.port} {self.host}",
             # As root, mosquitto would switch to user "mosquitto" and could not read the temp folder.
@@ -69,6 +73,8 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
             lines.append("allow_anonymous true")
+        if acl_file:
+            lines.append(f"acl_file {acl_file}")
         if tls:
             ca, cert, key = tls
             lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]

@@ -98,7 +98,8 @@ def test_disabled_publisher_does_nothing(make_config):
     publisher = ResultPublisher(make_config(IoTJumpWay={"enabled": False})).start()
     assert publisher.publish_result(1, 0.9, False) is False
     assert publisher.status() == {
-        "enabled": False, "connected": False, "dropped": 0, "published": 0, "queued": 0, "in_flight": 0,
+        "enabled": False, "device": "EdgeServer", "connected": False, "dropped": 0, "published": 0,
+        "refused": 0, "late": 0, "queued": 0, "in_flight": 0,
     }
     publisher.stop()
 
@@ -137,7 +138,8 @@ def test_publisher_delivers_results_with_qos1(mosquitto, make_config):
         assert publisher.publish_result(0, 0.5, True)
         assert wait_until(lambda: publisher.status()["published"] == 3, 5), publisher.status()
         assert publisher.status() == {
-            "enabled": True, "connected": True, "dropped": 0, "published": 3, "queued": 0, "in_flight": 0,
+            "enabled": True, "device": "EdgeServer", "connected": True, "dropped": 0, "published": 3,
+            "refused": 0, "late": 0, "queued": 0, "in_flight": 0,
         }
     sensors = [json.loads(p) for p in probe.received(f"{SERVER}/Sensors")]
     warnings = [json.loads(p) for p in probe.received(f"{SERVER}/Warnings")]

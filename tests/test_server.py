@@ -436,10 +436,27 @@ def test_waitress_chunked_uploads_and_body_limits(waitress_url, images):
     assert response.status_code == 413 and response.json()["Response"] == "FAILED"
     response = requests.post(url, data=bytes(100_001), headers={"Content-Type": "image/png"}, timeout=10)
     assert response.status_code == 413 and response.json()["Response"] == "FAILED"
-    # Far over the limit, waitress refuses the body itself, before buffering it all.
+    # Far over the limit, waitress refuses the body itself, before buffering it all: the same JSON 413.
     response = requests.post(url, data=bytes(3 << 20), headers={"Content-Type": "image/png"}, timeout=10)
-    assert response.status_code == 413
+    assert response.status_code == 413 and response.json()["Response"] == "FAILED"
+    response = requests.post(url, data=chunks(bytes(3 << 20)), headers={"Content-Type": "image/png"}, timeout=10)
+    assert response.status_code == 413 and response.json()["Response"] == "FAILED"
     assert requests.post(url, data=data, headers={"Content-Type": "image/png"}, timeout=10).json()["Results"] == 1
+
+
+@pytest.mark.parametrize("size", [6_000_000, 60_000_000])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_every_body_over_the_limit_gets_the_json_413(waitress_url, size, chunked):
+    """5 MB limit: 6 MB reaches Flask, 60 MB is refused by waitress from its Content-Length (or, chunked,
+    once the slack is exceeded); both answer the API's JSON 413, and the server keeps serving."""
+    url = waitress_url(max_upload_bytes=5_000_000) + "/api/infer"
+    body = bytes(size)
+    data = (body[i:i + (1 << 20)] for i in range(0, size, 1 << 20)) if chunked else body
+    response = requests.post(url, data=data, headers={"Content-Type": "image/png"}, timeout=30)
+    assert response.status_code == 413, response.text[:200]
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == {"Response": "FAILED", "ResponseMessage": "upload too large: the limit is 5000000 bytes"}
+    assert requests.get(url.replace("infer", "health"), timeout=10).status_code == 200
 
 
 def test_waitress_api_key(waitress_url, images):

@@ -47,6 +47,14 @@ class ListenError(IDCError):
     """The server cannot listen on its address (a port in use, an address not on this machine)."""
 
 
+class ReviewStoreError(IDCError):
+    """The review station's SQLite database cannot be used (corrupt, locked, unwritable)."""
+
+
+class ReviewExportError(IDCError):
+    """A review export CSV (extra labelled training data) is missing, malformed or has bad rows."""
+
+
 class ApiError(Exception):
     """An HTTP API error, answered as `{"Response": "FAILED", "ResponseMessage": message}` with `status`."""
 

@@ -35,6 +35,7 @@ import datetime
 import errno
 import hmac
 import io
+import json
 import logging
 import re
 import ssl
@@ -60,8 +61,9 @@ INFER = "/api/infer"
 HEALTH = "/api/health"
 RAW_TYPES = ("application/octet-stream", "")  # plus any image/*; no Content-Type counts as raw bytes
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
-# Room for multipart boundaries and headers above max_upload_bytes before waitress itself refuses a
-# body (with a plain-text 413); anything up to that gets the JSON 413 from Flask.
+# Room above max_upload_bytes before waitress itself refuses a body: up to that, Flask answers the
+# 413 (and logs and counts the request); above it waitress refuses it before reading it, with the
+# same JSON 413 (_JsonErrorTask).
 WAITRESS_BODY_SLACK = 1 << 20
 
 
@@ -246,7 +248,7 @@ def infer():
     except ImageError as err:
         status = next(code for kind, code in IMAGE_ERROR_STATUS if isinstance(err, kind))
         raise ApiError(status, str(err)) from None
-    g.prediction = prediction
+    g.prediction, g.upload = prediction, data  # the review station queues flagged uploads (idc.edge.station)
     try:
         state.publisher.publish_result(prediction.label, prediction.p_idc, prediction.needs_review)
     except Exception:  # the publisher never raises by contract; a broken one must not fail requests
@@ -277,8 +279,17 @@ def health():
         "auth_required": state.auth_required,
         "max_upload_bytes": state.config.Server.max_upload_bytes,
         "max_image_side": state.max_side,
+        **_station_health(state),
     }
     return body, 200 if model["loaded"] else 503
+
+
+def _station_health(state: ApiState) -> dict:
+    """The served model's identity and the review queue (idc.edge.identity, idc.edge.review)."""
+    from idc.edge.identity import model_identity
+    from idc.edge.review import review_status
+
+    return {"identity": model_identity(state.classifier), "review": review_status()}
 
 
 def create_app(config: Config, classifier: Classifier | None = None, publisher=None) -> Flask:
@@ -309,6 +320,9 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
     state = ApiState(config, classifier, publisher, owns_publisher)
     app.extensions["idc"] = state
     app.register_blueprint(bp)
+    from idc.edge import station  # the pages, review queue, /api/infer/batch, /metrics
+
+    station.init_app(app, state)
 
     @app.before_request
     def start_timer():
@@ -358,11 +372,39 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
 
 # --- serving ---
 
+def _json_error_channel(max_upload_bytes: int):
+    """A waitress channel whose own error answers (a body over its limit, a malformed request) are
+    the API's JSON errors instead of waitress's plain text."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            if error.code == 413:
+                message = f"upload too large: the limit is {max_upload_bytes} bytes"
+            else:
+                message = f"{error.reason.lower()}: {error.body}"
+            log.info("%s %s %s %d bytes=%d error=%r (refused before reading the body)", self.channel.addr[0],
+                     self.request.command or "-", self.request.path or "-", error.code,
+                     self.request.content_length, message)
+            body = json.dumps({"Response": "FAILED", "ResponseMessage": message}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    return type("JsonErrorChannel", (HTTPChannel,), {"error_task_class": JsonErrorTask})
+
+
 def create_waitress_server(app: Flask, config: Config, host: str | None = None, port: int | None = None):
     """A waitress server for `app` (not yet running: call .run()); host, port, threads from config.
 
-    Bodies over max_upload_bytes + 1 MiB are refused by waitress itself (plain-text 413), so a
-    client cannot make the server buffer more than that; smaller ones reach Flask's JSON 413.
+    Bodies over max_upload_bytes + 1 MiB are refused by waitress itself, from the Content-Length
+    header before the body is read (chunked bodies once that much has arrived), so a client cannot
+    make the server buffer more than that; they get the same JSON 413 as smaller ones, which reach
+    Flask's 413.
 
     Idle connections cannot starve the server: waitress stops accepting at `connection_limit`
     open connections, and a connection without a request in progress is closed after
@@ -374,8 +416,10 @@ def create_waitress_server(app: Flask, config: Config, host: str | None = None, 
     import waitress
 
     server = config.Server
-    return waitress.create_server(
+    sockets: dict = {}
+    created = waitress.create_server(
         app,
+        map=sockets,
         host=server.host if host is None else host,
         port=server.port if port is None else port,
         threads=server.threads,
@@ -387,6 +431,11 @@ def create_waitress_server(app: Flask, config: Config, host: str | None = None, 
         ident="IDC-Classifier",
         clear_untrusted_proxy_headers=True,
     )
+    channel = _json_error_channel(server.max_upload_bytes)
+    for listener in list(sockets.values()):  # one per listening socket; nothing is accepted before .run()
+        if isinstance(listener, waitress.server.BaseWSGIServer):
+            listener.channel_class = channel
+    return created
 
 
 class _LazyHandshakeContext(ssl.SSLContext):

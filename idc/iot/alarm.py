@@ -5,10 +5,16 @@ Needs review (it wins over the 0/1 result: the classifier is unsure) → red bli
 buzzer off. `{"Command": "ACK"}` on the alarm's own Commands channel, or the optional button,
 silences the buzzer. The last result decides what is shown.
 
+The session is persistent (idc.iot.mqtt): results published while the alarm is away are delivered,
+in order, when it reconnects. A result older than IoTJumpWay.stale_after_seconds on arrival (by its
+`Time`) is late: shown, and published with "Stale": true, but the buzzer stays silent (a beep for a
+result hours old would send someone to the wrong patient); late results are counted ("Late").
+
 Every message is checked before any pin moves: wrong topic, oversized, not JSON, not an object,
 wrong types or missing fields → logged and ignored. Extra unknown fields in an otherwise valid
 payload are accepted (the payload formats allow extra fields). The state shown is published,
 retained, on the alarm's Sensors channel: `{"Sensor": "Alarm", "State": "IDC"|"NO_IDC"|"REVIEW"|"IDLE", ...}`.
+The log has one line per state change (the blinking of the review state is not logged pin by pin).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from gpiozero.pins.mock import MockFactory, MockPin
 
 from idc.core.config import Config
 from idc.core.errors import IgnoredMessage
-from idc.iot.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, utc_timestamp
+from idc.iot.homeassistant import alarm_discovery
+from idc.iot.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, result_age, utc_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +42,17 @@ _SENSOR_VALUE = re.compile(r"IDC: ([01])\b")
 
 
 class LoggingMockPin(MockPin):
-    """A gpiozero mock pin that logs every level change, so a run without a Pi shows what the pins do."""
+    """A gpiozero mock pin that logs every level change, so a run without a Pi shows what the pins do.
+
+    While `quiet` (the red LED blinking for review: 4 changes a second) changes are not logged; the
+    alarm logs the state once instead."""
 
     label = ""
+    quiet = False
 
     def _change_state(self, value):
         changed = super()._change_state(value)
-        if changed:
+        if changed and not self.quiet:
             log.info("pin %s%s -> %s", self.info.name, f" ({self.label})" if self.label else "",
                      "HIGH" if value else "LOW")
         return changed
@@ -137,6 +148,7 @@ class Alarm:
             on_message=self.handle_message,
             on_connected=self._publish_state,
             reconnect_delay=reconnect_delay,
+            announce=alarm_discovery(mqtt, self.device) if mqtt.home_assistant else (),
         )
         self.red = red or LED(self.settings.red_led_pin, pin_factory=pin_factory)
         self.blue = blue or LED(self.settings.blue_led_pin, pin_factory=pin_factory)
@@ -153,6 +165,8 @@ class Alarm:
         self.state = IDLE
         self.origin: str | None = None
         self.acknowledged = False
+        self.stale = False
+        self.late = 0  # results that arrived older than IoTJumpWay.stale_after_seconds
         self.ignored = 0
         self.handled = 0
         self.closed = False
@@ -204,12 +218,18 @@ class Alarm:
         # A server sends Sensors and, on IDC, a Warnings copy of the same result (same Time):
         # an alarm watching both channels must not sound twice, nor re-sound after an ACK.
         result = (origin, data["Time"], command_or_state) if isinstance(data.get("Time"), str) else None
+        age = result_age(data)
+        stale = age is not None and age > self.config.mqtt.stale_after_seconds
         with self._lock:
             if result is not None and result == self._last_result:
                 log.debug("Alarm: %s is the same result as before, already shown", topic)
                 return self.state
             self._last_result = result
-            self.show(command_or_state, origin=origin)
+            if stale:
+                self.late += 1
+                log.warning("Alarm: a result from %s arrived %.0f s late (made %s): shown without the buzzer",
+                            origin, age, data["Time"])
+            self.show(command_or_state, origin=origin, stale=stale)
         return self.state
 
     def _parse(self, topic, payload) -> tuple[str, dict]:
@@ -239,14 +259,18 @@ class Alarm:
             return "ACK", data
         return (parse_sensors(data) if levels[4] == "Sensors" else parse_warnings(data)), data
 
-    def show(self, state: str, origin: str | None = None) -> None:
-        """Set the pins for a state (IDC, NO_IDC, REVIEW or IDLE) and publish it."""
+    def show(self, state: str, origin: str | None = None, stale: bool = False) -> None:
+        """Set the pins for a state (IDC, NO_IDC, REVIEW or IDLE) and publish it; a stale IDC
+        (a late result) lights the red LED without the buzzer."""
         with self._lock:
+            if self.state == REVIEW and state != REVIEW:
+                self.red.off()  # stops the blinking (not logged) before the pins log again
+            self._quiet_red(False)
             # Whatever goes off goes off first, so two signals never show at once.
             if state == IDC:
                 self.blue.off()
                 self.red.on()
-                if self.settings.buzzer_seconds > 0:
+                if self.settings.buzzer_seconds > 0 and not stale:
                     # One beep of buzzer_seconds; gpiozero's own thread turns it off again.
                     self.buzzer.blink(on_time=self.settings.buzzer_seconds, off_time=0, n=1)
                 else:
@@ -258,15 +282,22 @@ class Alarm:
             elif state == REVIEW:
                 self.blue.off()
                 self.buzzer.off()
+                self._quiet_red(True)
                 self.red.blink(on_time=REVIEW_BLINK_SECONDS, off_time=REVIEW_BLINK_SECONDS)
             elif state == IDLE:
                 for device in (self.red, self.blue, self.buzzer):
                     device.off()
             else:
                 raise ValueError(f"unknown alarm state {state!r}")
-            self.state, self.origin, self.acknowledged = state, origin, False
-            log.info("Alarm: %s%s", state, f" (from {origin})" if origin else "")
+            self.state, self.origin, self.acknowledged, self.stale = state, origin, False, stale
+            log.info("Alarm: %s%s%s%s", state, f" (from {origin})" if origin else "",
+                     ", late: no buzzer" if stale and state == IDC else " (late)" if stale else "",
+                     f", red LED blinking every {REVIEW_BLINK_SECONDS} s" if state == REVIEW else "")
             self._publish_state()
+
+    def _quiet_red(self, quiet: bool) -> None:
+        if isinstance(self.red.pin, LoggingMockPin):
+            self.red.pin.quiet = quiet
 
     def acknowledge(self) -> None:
         """Silence the buzzer; the LEDs keep showing the result."""
@@ -281,5 +312,6 @@ class Alarm:
             return  # published again on (re)connect
         with self._lock:
             payload = {"Sensor": "Alarm", "State": self.state, "Origin": self.origin,
-                       "Acknowledged": self.acknowledged, "Time": utc_timestamp()}
+                       "Acknowledged": self.acknowledged, "Stale": self.stale, "Late": self.late,
+                       "Time": utc_timestamp()}
             self.connection.publish_json("Sensors", payload, retain=True)

@@ -1,14 +1,18 @@
 """MQTT wiring shared by the edge server, inception_test.py and the alarm (IoT JumpWay conventions).
 
 Topics are `{Location}/Devices/{Zone}/{Device}/{Channel}` with the channels Status, Warnings,
-Sensors and Commands. Status carries the plain strings "ONLINE" (published, retained, on every
-connect, once the device's subscriptions are confirmed) and "OFFLINE" (the retained last will, and
-published on a clean shutdown); every other payload is a JSON object. Everything goes out with QoS 1.
+Sensors and Commands. Status carries the plain strings IoTJumpWay.status_online ("ONLINE";
+published, retained, on every connect, once the device's subscriptions are confirmed) and
+status_offline ("OFFLINE"; the retained last will, and published on a clean shutdown); every other
+payload is a JSON object. Everything goes out with QoS 1.
 
 `DeviceConnection` is one device's session: credentials, TLS, last will, automatic reconnect with
 backoff in paho's background thread. A broker that is down at start is not an error: the
-connection keeps trying. `ResultPublisher` is what the server and inception_test.py use: a
-bounded queue and a worker thread, so publishing a result never blocks and never raises.
+connection keeps trying. Sessions are persistent (MQTT 5, a fixed client id per device, clean start
+off, session expiry IoTJumpWay.session_expiry): QoS 1 messages for a device that is away are kept by
+the broker and delivered, in order, when it comes back. `ResultPublisher` is what the server and
+inception_test.py use: a bounded queue and a worker thread, so publishing a result never blocks and
+never raises.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import operator
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from idc.core.config import Config, MQTTSettings
 from idc.core.errors import ConfigError
@@ -37,6 +42,7 @@ ONLINE = "ONLINE"
 OFFLINE = "OFFLINE"
 QOS = 1
 DEFAULT_RECONNECT_DELAY = (1, 30)  # seconds: first retry, cap of the doubling backoff
+SESSION_TAKEN_OVER = 142  # MQTT 5 disconnect reason: another client connected with our client id
 
 
 def device_topic(mqtt: MQTTSettings, device: str, channel: str) -> str:
@@ -118,12 +124,32 @@ def encode(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+def client_id(mqtt: MQTTSettings, device: str) -> str:
+    """The fixed client id of a device: the broker keeps its session under this id."""
+    return f"{mqtt.Location}-{mqtt.Zone}-{device}"
+
+
+def result_age(data: dict) -> float | None:
+    """Seconds since a result's `Time` (ISO 8601 with offset), or None when it has no usable Time."""
+    stamp = data.get("Time")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        then = datetime.datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        return None
+    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+
+
 class DeviceConnection:
     """One device's MQTT session: Status ONLINE on connect, retained last will OFFLINE, reconnects by itself.
 
     `subscriptions` are topic filters (re)subscribed on every connect; `on_message(topic, payload)`
     receives their messages; `on_connected()` runs after each successful connect, once the
-    subscriptions are confirmed (in paho's thread).
+    subscriptions are confirmed (in paho's thread). `announce` is (topic, payload) pairs published
+    retained on every connect (Home Assistant discovery).
     Callback errors are logged, never allowed to kill the network thread.
     """
 
@@ -134,12 +160,14 @@ class DeviceConnection:
         subscriptions: Iterable[str] = (),
         on_message: Callable[[str, bytes], None] | None = None,
         on_connected: Callable[[], None] | None = None,
-        on_published: Callable[[int], None] | None = None,
+        on_published: Callable[[int, bool], None] | None = None,
         reconnect_delay: tuple[int, int] = DEFAULT_RECONNECT_DELAY,
+        announce: Iterable[tuple[str, dict]] = (),
     ):
         self.mqtt = config.mqtt
         self.device = device
         self.subscriptions = list(subscriptions)
+        self.announce = [(topic, encode(payload)) for topic, payload in announce]
         self._on_message = on_message
         self._on_connected = on_connected
         self._on_published = on_published
@@ -148,6 +176,7 @@ class DeviceConnection:
         self._subscribe_mid: int | None = None
         self._started = False
         self._unreachable_logged = False
+        self._refused_logged = False
         self.client = self._make_client(config, reconnect_delay)
 
     def topic(self, channel: str) -> str:
@@ -155,11 +184,10 @@ class DeviceConnection:
 
     def _make_client(self, config: Config, reconnect_delay: tuple[int, int]) -> paho.Client:
         mqtt = self.mqtt
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            # A unique id: two processes with the same id would keep kicking each other off the broker.
-            client_id=f"{mqtt.Location}-{mqtt.Zone}-{self.device}-{uuid.uuid4().hex[:8]}",
-        )
+        # A fixed id, so the broker finds the device's session again after a restart or an outage
+        # (each program has its own device name: two processes with one id would take turns).
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id(mqtt, self.device),
+                             protocol=paho.MQTTv5)
         client.suppress_exceptions = True
         if log.isEnabledFor(logging.DEBUG):
             # paho's own log is protocol detail (and logs routine retries as errors): only when debugging.
@@ -176,7 +204,7 @@ class DeviceConnection:
                     f"IoTJumpWay TLS files in {config.path} cannot be used ({err}): "
                     "check tls_ca, tls_cert and tls_key"
                 ) from None
-        client.will_set(self.topic("Status"), OFFLINE, qos=QOS, retain=True)
+        client.will_set(self.topic("Status"), mqtt.status_offline, qos=QOS, retain=True)
         client.reconnect_delay_set(*reconnect_delay)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
@@ -204,7 +232,11 @@ class DeviceConnection:
             return
         self._started = True
         log.info("MQTT: %s connecting to %s", self.device, self.broker)
-        self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.mqtt.session_expiry
+        # clean_start False on every connect: the broker resumes the session it kept for this id.
+        self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive,
+                                  clean_start=False, properties=properties)
         self.client.loop_start()
 
     def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> paho.MQTTMessageInfo:
@@ -219,7 +251,7 @@ class DeviceConnection:
             return
         self._started = False
         if self.connected:
-            info = self.publish(self.topic("Status"), OFFLINE, retain=True)
+            info = self.publish(self.topic("Status"), self.mqtt.status_offline, retain=True)
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as err:
@@ -239,7 +271,8 @@ class DeviceConnection:
             log.error("MQTT: broker %s refused %s (%s)%s", self.broker, self.device, reason_code, hint)
             return
         self._unreachable_logged = False
-        log.info("MQTT: %s connected to %s", self.device, self.broker)
+        log.info("MQTT: %s connected to %s%s", self.device, self.broker,
+                 " (session resumed)" if flags.session_present else "")
         if self.subscriptions:
             # Ready once the broker confirms the subscriptions, so nothing sent after is missed.
             self._subscribe_mid = client.subscribe([(f, QOS) for f in self.subscriptions])[1]
@@ -257,7 +290,10 @@ class DeviceConnection:
 
     def _ready(self) -> None:
         # Runs in the network thread, so this PUBACK cannot be handled before the id is recorded.
-        self._status_mids.add(self.client.publish(self.topic("Status"), ONLINE, qos=QOS, retain=True).mid)
+        for topic, payload in self.announce:
+            self._status_mids.add(self.client.publish(topic, payload, qos=QOS, retain=True).mid)
+        self._status_mids.add(
+            self.client.publish(self.topic("Status"), self.mqtt.status_online, qos=QOS, retain=True).mid)
         self._connected.set()
         if self._on_connected:
             try:
@@ -275,7 +311,11 @@ class DeviceConnection:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected and self._started:
+        if reason_code.value == SESSION_TAKEN_OVER:
+            log.error("MQTT: another client connected to %s with the client id %r of %s: two programs use the "
+                      "device name %r (give each its own in confs.json)", self.broker, client_id(self.mqtt, self.device),
+                      self.device, self.device)
+        elif was_connected and self._started:
             log.warning("MQTT: %s lost the connection to %s (%s); reconnecting", self.device, self.broker, reason_code)
 
     def _handle_message(self, client, userdata, message) -> None:
@@ -287,10 +327,16 @@ class DeviceConnection:
             log.exception("MQTT: message handler of %s failed on topic %r", self.device, message.topic)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # MQTT 5 brokers answer a publish that their ACL denies with a failure reason code.
+        refused = reason_code.is_failure
+        if refused and not self._refused_logged:
+            self._refused_logged = True
+            log.error("MQTT: broker %s refused a message of %s (%s): check the broker's ACL for user %r",
+                      self.broker, self.device, reason_code, self.mqtt.username)
         if mid in self._status_mids:
             self._status_mids.discard(mid)
         elif self._on_published:
-            self._on_published(mid)
+            self._on_published(mid, refused)
 
 
 class ResultPublisher:
@@ -299,6 +345,12 @@ class ResultPublisher:
     `publish_result()` only puts the messages on a bounded queue (size IoTJumpWay.queue_size); a
     worker thread sends them with QoS 1 while the broker is reachable. When the queue is full the
     message is dropped and counted. With IoTJumpWay.enabled false it does nothing.
+
+    `device` is the publishing device's own name (default IoTJumpWay.Server; inception_test.py uses
+    IoTJumpWay.Tester), so one program never speaks for another. `on_published(mid, channel)` is
+    called (in paho's thread) when the broker has acknowledged a message, e.g. to print it.
+    A result acknowledged more than IoTJumpWay.stale_after_seconds after it was made (queued
+    through an outage) is counted as late.
     """
 
     def __init__(
@@ -306,22 +358,33 @@ class ResultPublisher:
         config: Config,
         device: str | None = None,
         reconnect_delay: tuple[int, int] = DEFAULT_RECONNECT_DELAY,
+        on_published: Callable[[int, str], None] | None = None,
     ):
         self.mqtt = config.mqtt
         self.enabled = config.mqtt.enabled
         self.device = device or config.mqtt.Server
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=config.mqtt.queue_size)
+        self._on_published = on_published
+        # (topic, payload, made at time.monotonic()) per message
+        self._queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=config.mqtt.queue_size)
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._dropped = 0
         self._published = 0
-        # QoS 1 messages sent but not yet acknowledged. paho can report the PUBACK before publish()
-        # has returned the message id, so ids acknowledged "early" are kept until claimed.
-        self._unacked: set[int] = set()
-        self._acked_early: set[int] = set()
+        self._refused = 0
+        self._late = 0
+        # QoS 1 messages sent but not yet acknowledged: mid -> (topic, made). paho can report the PUBACK
+        # before publish() has returned the message id, so ids acknowledged "early" are kept until claimed.
+        self._unacked: dict[int, tuple[str, float]] = {}
+        self._acked_early: dict[int, tuple[float, bool]] = {}
+        announce = ()
+        if config.mqtt.home_assistant:
+            from idc.iot.homeassistant import server_discovery
+
+            announce = server_discovery(config.mqtt, self.device)
         self.connection = DeviceConnection(
-            config, self.device, on_published=self._acknowledged, reconnect_delay=reconnect_delay
+            config, self.device, on_published=self._acknowledged, reconnect_delay=reconnect_delay,
+            announce=announce,
         ) if self.enabled else None
 
     def start(self) -> ResultPublisher:
@@ -355,9 +418,10 @@ class ResultPublisher:
                 self._dropped += 1
             return False
         queued_all = True
+        made = time.monotonic()
         for topic, payload in messages:
             try:
-                self._queue.put_nowait((topic, payload))
+                self._queue.put_nowait((topic, payload, made))
             except queue.Full:
                 queued_all = False
                 with self._lock:
@@ -370,13 +434,17 @@ class ResultPublisher:
         return queued_all
 
     def status(self) -> dict:
-        """Counters for /api/health: connected, dropped, published (acknowledged), queued, in_flight."""
+        """Counters for /api/health: connected, dropped, published (acknowledged), refused (by the
+        broker's ACL), late (results acknowledged after stale_after_seconds), queued, in_flight."""
         with self._lock:
             return {
                 "enabled": self.enabled,
+                "device": self.device,
                 "connected": self.connection is not None and self.connection.connected,
                 "dropped": self._dropped,
                 "published": self._published,
+                "refused": self._refused,
+                "late": self._late,
                 "queued": self._queue.qsize(),
                 "in_flight": len(self._unacked),
             }
@@ -403,26 +471,41 @@ class ResultPublisher:
         self._worker = None
         self.connection.stop()
 
-    def _acknowledged(self, mid: int) -> None:
+    def _acknowledged(self, mid: int, refused: bool) -> None:
         with self._lock:
-            if mid in self._unacked:
-                self._unacked.discard(mid)
-                self._published += 1
-            else:
-                self._acked_early.add(mid)
+            sent = self._unacked.pop(mid, None)
+            if sent is None:
+                self._acked_early[mid] = (time.monotonic(), refused)
+                return
+        self._count(mid, *sent, time.monotonic(), refused)
 
-    def _sent(self, mid: int) -> None:
+    def _sent(self, mid: int, topic: str, made: float) -> None:
         with self._lock:
-            if mid in self._acked_early:
-                self._acked_early.discard(mid)
-                self._published += 1
-            else:
-                self._unacked.add(mid)
+            early = self._acked_early.pop(mid, None)
+            if early is None:
+                self._unacked[mid] = (topic, made)
+                return
+        self._count(mid, topic, made, *early)
+
+    def _count(self, mid: int, topic: str, made: float, acked: float, refused: bool) -> None:
+        channel = topic.rsplit("/", 1)[-1]
+        with self._lock:
+            if refused:
+                self._refused += 1
+                return
+            self._published += 1
+            if channel == "Sensors" and acked - made > self.mqtt.stale_after_seconds:
+                self._late += 1  # one per result: its Sensors message
+        if self._on_published:
+            try:
+                self._on_published(mid, channel)
+            except Exception:
+                log.exception("MQTT: on_published handler failed")
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                topic, payload = self._queue.get(timeout=0.2)
+                topic, payload, made = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
@@ -437,7 +520,7 @@ class ResultPublisher:
                 if self._stopping.is_set():
                     break
                 info = self.connection.publish(topic, payload)
-                self._sent(info.mid)
+                self._sent(info.mid, topic, made)
             except Exception:
                 log.exception("MQTT: publishing to %s failed", topic)
             finally:

@@ -248,3 +248,43 @@ def _write_examples(rows, model: ModelDir, seed: int) -> None:
             log.warning("no class-%d test patch: %s not written", label, model.example(label))
             continue
         shutil.copyfile(model.root / rng.choice(candidates)[1], model.example(label))
+
+
+EXTRA_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
+
+
+def add_extra_labels(csv_path: str | Path, model: ModelDir) -> tuple[int, list[str]]:
+    """Add the labelled patches of a review station export (idc.core.review_export) to the sorted training
+    split: each image is written to train/<label>/review_<sha256[:12]>.<ext> and listed in the manifest.
+    Patches of a validation or test patient are left out (they would leak into training), and so are
+    patches already added or unreadable. Returns (patches added, why each other one was left out)."""
+    from idc.core.review_export import read_csv
+
+    patches = read_csv(csv_path)
+    rows = model.read_manifest()  # raises DatasetError (run sort first) when there is no manifest
+    held_out = {p.patient for split in ("validation", "test") for p in model.read_manifest(split)}
+    known = {p.path.name for p in rows}
+    added, left_out = [], []
+    for patch in patches:
+        patient = patch.patient or f"review-{patch.sha256[:12]}"
+        name = f"review_{patch.sha256[:12]}.{EXTRA_EXTENSIONS.get(patch.format, 'png')}"
+        if patient in held_out:
+            left_out.append(f"{csv_path} id {patch.id}: patient {patient} is a validation/test patient")
+            continue
+        if name in known:
+            left_out.append(f"{csv_path} id {patch.id}: already added")
+            continue
+        try:
+            decode_image(patch.image, max_side=2 * PATCH_SIDE)
+        except ImageError as err:
+            left_out.append(f"{csv_path} id {patch.id}: {err}")
+            continue
+        target = model.split_dir("train") / str(patch.label) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(patch.image)
+        known.add(name)
+        added.append(("train", str(target.relative_to(model.root)), f"{csv_path}#{patch.id}", patient,
+                      patch.x or 0, patch.y or 0, patch.label))
+    with model.manifest.open("a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(added)
+    return len(added), left_out

@@ -1,0 +1,439 @@
+"""The review station's API (idc.edge.review, batch, metrics, identity): Flask's test client, real
+SQLite files, real processes writing at once. The browser tests are in test_review_browser.py."""
+
+import base64
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from idc.core.config import load_config
+from idc.core.errors import ConfigError, ReviewExportError
+from idc.core.review_export import read_csv
+from idc.edge.api import create_app
+from idc.edge.review import QueueEntry, ReviewStore
+from tests.conftest import ROOT
+from tests.synthetic import make_dataset
+from tests.test_server import CONTRACT, FakePublisher, assert_answer, assert_failed, image_bytes, multipart
+
+IDENTITY_HEADERS = ("X-IDC-Model", "X-IDC-Model-Precision", "X-IDC-Model-Hash")
+
+
+@pytest.fixture(scope="module")
+def images(tiny_project):
+    config, _ = tiny_project
+    test = config.model_dir / "test"
+    return {"positive": (test / "positive.png").read_bytes(), "negative": (test / "negative.png").read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def flagging_classifier(tiny_project, tiny_classifier):
+    """The tiny FP16 model with a review band so wide that every patch is flagged for review."""
+    from idc.edge.engine import load_classifier
+
+    config, _ = tiny_project
+    return load_classifier(config, "FP16", threshold=0.5, review_band=0.499999)
+
+
+@pytest.fixture
+def station(make_config, tiny_classifier, tmp_path):
+    """station(classifier=tiny, **Server keys) -> Flask test client; the review db is in tmp_path."""
+    def make(classifier=tiny_classifier, **server):
+        server.setdefault("review_db", str(tmp_path / "review.sqlite3"))
+        app = create_app(make_config(Server=server), classifier, FakePublisher())
+        return app.test_client()
+
+    return make
+
+
+def zip_of(files: dict) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def patient_zip(tmp_path, patients=1, per_class=4) -> tuple[bytes, list[str]]:
+    root = make_dataset(tmp_path / "patient", patients=patients, per_class=per_class, seed=3)
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+    return zip_of(files), list(files)
+
+
+def batch(client, fields=None, data=None, content_type=None, query="", **headers):
+    if fields is not None:
+        data, content_type = multipart_many(fields)
+    return client.post("/api/infer/batch" + query, data=data, headers={"Content-Type": content_type, **headers})
+
+
+def multipart_many(files: list[tuple[str, bytes]], field="file") -> tuple[bytes, str]:
+    boundary = "----idc-batch-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+# --- POST /api/infer/batch ---
+
+def test_batch_of_files_answers_each_with_the_single_contract(station, images):
+    client = station()
+    response = batch(client, [("pos.png", images["positive"]), ("neg.png", images["negative"])])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["Response"] == "OK" and body["Count"] == 2 and body["Failed"] == 0
+    assert body["Model"]["name"] == "DevCloudIDC" and body["Model"]["precision"] == "FP16"
+    assert len(body["Model"]["hash"]) == 16 and response.headers["X-IDC-Model-Hash"] == body["Model"]["hash"]
+    for result, (name, label) in zip(body["Results"], (("pos.png", 1), ("neg.png", 0))):
+        assert result["File"] == name and result["Patient"] is None
+        assert_answer({k: result[k] for k in CONTRACT}, label)
+
+
+def test_batch_zip_of_a_patient_in_the_kaggle_layout(station, tmp_path):
+    client = station()
+    data, names = patient_zip(tmp_path, per_class=5)
+    response = batch(client, data=data, content_type="application/zip")
+    body = response.get_json()
+    assert response.status_code == 200 and body["Count"] == len(names) == 10
+    assert [r["File"] for r in body["Results"]] == names
+    for result in body["Results"]:
+        label = int(result["File"][-5])  # synthetic patches are easy: the tiny model gets them right
+        assert result["Response"] == "OK" and result["Results"] == label
+        assert result["Patient"] == "9000" and result["X"] % 50 == 0 and result["Y"] == 50 * label
+    # The same zip as a multipart file, with images: each result carries its image as a data: URL.
+    response = batch(client, [("patient.zip", data)], query="?images=1")
+    first = response.get_json()["Results"][0]
+    assert first["Image"].startswith("data:image/png;base64,")
+    assert base64.b64decode(first["Image"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_streams_ndjson_when_asked(station, tmp_path):
+    data, names = patient_zip(tmp_path, per_class=20)
+    response = batch(station(), data=data, content_type="application/zip", Accept="application/x-ndjson")
+    assert response.status_code == 200 and response.mimetype == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert lines[0]["Count"] == 40 and lines[0]["Files"] == names and lines[0]["Model"]["name"] == "DevCloudIDC"
+    assert [line["File"] for line in lines[1:]] == names and all(line["Response"] == "OK" for line in lines[1:])
+
+
+def test_batch_bad_images_fail_alone(station, images):
+    body = batch(station(), [("good.png", images["positive"]), ("text.png", b"not an image"),
+                             ("empty.png", b""), ("gif.gif", image_bytes(fmt="GIF", mode="L"))]).get_json()
+    statuses = [(r["Response"], r.get("Status")) for r in body["Results"]]
+    assert statuses == [("OK", None), ("FAILED", 400), ("FAILED", 400), ("FAILED", 415)]
+    assert body["Failed"] == 3 and "not an image" in body["Results"][1]["ResponseMessage"]
+
+
+def zip_bomb(side_bytes: int) -> bytes:
+    return zip_of({"bomb.png": bytes(side_bytes)})
+
+
+@pytest.mark.parametrize("data, status, says", [
+    (b"PK\x03\x04 this is not really a zip", 400, "not a readable zip"),
+    (zip_of({"../../etc/evil.png": b"x"}), 400, "path outside the archive"),
+    (zip_of({"/abs/evil.png": b"x"}), 400, "path outside the archive"),
+    (zip_of({"C:/evil.png": b"x"}), 400, "path outside the archive"),
+    (zip_of({f"p/{i}.png": b"x" for i in range(6)}), 413, "the limit is 5"),
+    (zip_bomb(3_000_000), 413, "zip bomb"),
+    (zip_of({}), 400, "no images"),
+    (b"GIF89a not a zip", 400, "not a zip"),
+])
+def test_batch_zip_refusals_are_clear_4xx(station, data, status, says):
+    client = station(batch_max_files=5, batch_max_unzipped_bytes=1_000_000)
+    assert_failed(batch(client, data=data, content_type="application/zip"), status, says)
+
+
+def test_batch_request_errors_are_the_single_endpoints(station, images, make_config):
+    client = station(batch_max_files=3, max_upload_bytes=50_000)
+    assert_failed(batch(client, data=b"hello", content_type="text/plain"), 415, "unsupported content type")
+    body, content_type = multipart({"other": b"x"})
+    assert_failed(batch(client, data=body, content_type=content_type), 400, "without files")
+    assert_failed(batch(client, [(f"{i}.png", images["negative"]) for i in range(4)]), 413, "batch_max_files")
+    assert_failed(batch(client, [("big.png", bytes(60_000))]), 413, "upload too large")
+    no_model = create_app(make_config(Server={"review_db": None}), None, FakePublisher()).test_client()
+    assert_failed(batch(no_model, [("a.png", images["negative"])]), 503, "model not loaded")
+
+
+def test_batch_and_queue_need_the_api_key(station, images):
+    client = station(api_key="s3cret")
+    for response in (batch(client, [("a.png", images["positive"])]), client.get("/api/review/queue"),
+                     client.get("/api/review/export.csv"), client.get("/metrics"),
+                     client.post("/api/review/items/1", json={"decision": "agree"})):
+        assert_failed(response, 401, "API key")
+    assert batch(client, [("a.png", images["positive"])], **{"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/api/review/queue", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+# --- identity on every reply; the single-image contract is unchanged ---
+
+def test_every_reply_and_health_carry_the_model_identity(station, images):
+    client = station()
+    infer = client.post("/api/infer", data=images["positive"], headers={"Content-Type": "image/png"})
+    assert set(infer.get_json()) == CONTRACT
+    for response in (infer, client.get("/api/health"), client.get("/"), client.get("/nope"),
+                     client.post("/api/infer", data=b"x")):
+        assert [response.headers.get(h) for h in IDENTITY_HEADERS][:2] == ["DevCloudIDC", "FP16"], response
+        assert len(response.headers["X-IDC-Model-Hash"]) == 16
+    health = client.get("/api/health").get_json()
+    assert health["identity"]["hash"] == infer.headers["X-IDC-Model-Hash"]
+    assert health["review"]["enabled"] is True and health["review"]["pending"] >= 0
+
+
+# --- the review queue ---
+
+def test_flagged_patches_are_queued_reviewed_and_exported(station, flagging_classifier, images, tmp_path):
+    client = station(classifier=flagging_classifier)
+    infer = client.post("/api/infer", data=images["positive"], headers={"Content-Type": "image/png"})
+    assert infer.get_json()["NeedsReview"] is True
+    body = batch(client, [("9000_idx5_x100_y50_class1.png", images["negative"]),
+                          ("again.png", images["positive"])]).get_json()  # the same bytes: queued once
+    assert body["Results"][1]["ReviewId"] == 1 and body["Results"][0]["ReviewId"] == 2
+    queue = client.get("/api/review/queue").get_json()
+    assert queue["Pending"] == 2 and [item["id"] for item in queue["Items"]] == [1, 2]
+    assert queue["Items"][1]["patient"] == "9000" and (queue["Items"][1]["x"], queue["Items"][1]["y"]) == (100, 50)
+    image = client.get("/api/review/items/1/image")
+    assert image.mimetype == "image/png" and image.data == images["positive"]
+    assert_failed(client.post("/api/review/items/1", json={"decision": "maybe"}), 400, "decision must be")
+    assert_failed(client.post("/api/review/items/99", json={"decision": "agree"}), 404, "no review item 99")
+    assert_failed(client.post("/api/review/items/1", data="agree"), 415, "send JSON")
+    done = client.post("/api/review/items/1", json={"decision": "agree", "note": "clear IDC", "reviewer": "Dr A"})
+    assert done.status_code == 200 and done.get_json()["Item"]["reviewer"] == "Dr A"
+    client.post("/api/review/items/2", json={"decision": "disagree"})
+    assert client.get("/api/review/queue").get_json()["Pending"] == 0
+    reviewed = client.get("/api/review/queue?status=reviewed").get_json()["Items"]
+    assert {item["decision"] for item in reviewed} == {"agree", "disagree"}
+    export = client.get("/api/review/export.csv")
+    assert export.mimetype == "text/csv" and "attachment" in export.headers["Content-Disposition"]
+    path = tmp_path / "export.csv"
+    path.write_bytes(export.data)
+    patches = {p.id: p for p in read_csv(path)}
+    model_label_2 = reviewed[[i["id"] for i in reviewed].index(2)]["label"]
+    assert patches["1"].label == 1 and patches["1"].image == images["positive"]
+    assert patches["2"].label == 1 - model_label_2 and patches["2"].patient == "9000"  # disagree flips
+
+
+def test_review_all_idc_queues_every_idc_verdict(station, images):
+    client = station(review_all_idc=True)
+    for name in ("positive", "negative"):
+        client.post("/api/infer", data=images[name], headers={"Content-Type": "image/png"})
+    items = client.get("/api/review/queue").get_json()["Items"]
+    assert [(item["label"], item["reason"]) for item in items] == [(1, "idc")]
+
+
+def test_the_queue_survives_a_new_app_on_the_same_file(station, flagging_classifier, images):
+    first = station(classifier=flagging_classifier)
+    first.post("/api/infer", data=images["negative"], headers={"Content-Type": "image/png"})
+    first.post("/api/review/items/1", json={"decision": "unsure", "note": "blurry"})
+    second = station(classifier=flagging_classifier)
+    item = second.get("/api/review/queue?status=all").get_json()["Items"][0]
+    assert (item["decision"], item["note"]) == ("unsure", "blurry")
+
+
+WRITER = """
+import sys
+from idc.edge.review import QueueEntry, ReviewStore
+store, worker = ReviewStore(sys.argv[1]), int(sys.argv[2])
+for i in range(50):
+    [item] = store.add([QueueEntry(f"{worker}-{i}".encode(), "PNG", 0.5, 0, True, f"w{worker}_{i}.png")])
+    store.review(item, "agree", note=f"by {worker}", reviewer=f"writer {worker}")
+"""
+
+
+def test_four_concurrent_writer_processes_lose_nothing(tmp_path):
+    db = tmp_path / "review.sqlite3"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(w)], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True) for w in range(4)]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    store = ReviewStore(db)
+    assert store.counts() == {"pending": 0, "reviewed": 200}
+    items = store.items("all", limit=1000)
+    assert sorted(item["name"] for item in items) == sorted(f"w{w}_{i}.png" for w in range(4) for i in range(50))
+    assert all(item["note"] == f"by {item['name'][1]}" for item in items)
+
+
+def test_a_corrupt_database_is_a_clear_503_and_classification_goes_on(station, flagging_classifier, images,
+                                                                      tmp_path, caplog):
+    db = tmp_path / "review.sqlite3"
+    db.write_bytes(b"this is not a database, it was overwritten by mistake" * 100)
+    client = station(classifier=flagging_classifier)
+    assert "corrupt" in caplog.text  # said at start-up
+    for _ in range(3):  # every time, the same clear answer: no 500 loop
+        assert_failed(client.get("/api/review/queue"), 503, "is corrupt")
+        assert_failed(client.post("/api/review/items/1", json={"decision": "agree"}), 503, "move the file aside")
+    infer = client.post("/api/infer", data=images["positive"], headers={"Content-Type": "image/png"})
+    assert infer.status_code == 200 and infer.get_json()["NeedsReview"] is True
+    assert "corrupt" in client.get("/api/health").get_json()["review"]["error"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "idc_review_store_up 0.0" in metrics
+    db.rename(tmp_path / "review.sqlite3.broken")  # the fix the message names: the next request works
+    assert client.get("/api/review/queue").get_json()["Pending"] == 0
+
+
+def test_a_locked_database_is_a_503_with_retry_after(station, images, tmp_path):
+    client = station()
+    client.get("/api/review/queue")  # creates the file
+    client.application.extensions["idc_review"].timeout = 0.2
+    holder = sqlite3.connect(tmp_path / "review.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        response = client.post("/api/review/items/1", json={"decision": "agree"})
+        assert_failed(response, 503, "is locked by another process")
+        assert response.headers["Retry-After"] == "5"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert_failed(client.post("/api/review/items/1", json={"decision": "agree"}), 404, "no review item")
+
+
+def test_an_unwritable_database_path_is_a_clear_503(station, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    client = station(review_db=str(blocker / "review.sqlite3"))
+    assert_failed(client.get("/api/review/queue"), 503, "review database")
+
+
+def test_a_bad_export_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ReviewExportError, match="not a review export"):
+        read_csv(path)
+    store = ReviewStore(tmp_path / "r.sqlite3")
+    [item] = store.add([QueueEntry(b"\x89PNG fake", "PNG", 0.6, 1, True, "a.png")])
+    store.review(item, "agree")
+    from idc.core.review_export import write_csv
+
+    with path.open("w", newline="") as f:
+        write_csv(store.reviewed_with_images(), f)
+    path.write_text(path.read_text().replace(",1,1,", ",1,1,", 1).replace("iVBOR", "AAAA"))
+    with pytest.raises(ReviewExportError, match="line 2"):
+        read_csv(path)
+
+
+# --- the pages and the key ---
+
+def test_pages_and_assets_are_served_offline(station):
+    client = station()
+    for path in ("/", "/review"):
+        page = client.get(path)
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+        text = page.get_data(as_text=True)
+        assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
+    for asset in ("style.css", "station.js", "classify.js", "review.js"):
+        response = client.get(f"/ui/{asset}")
+        assert response.status_code == 200 and b"http" not in response.data, asset
+
+
+def test_with_a_key_the_pages_ask_for_it_once_and_hold_it_in_the_session(station, flagging_classifier, images):
+    client = station(classifier=flagging_classifier, api_key="s3cret")
+    for path in ("/", "/review"):
+        page = client.get(path)
+        assert page.status_code == 401 and 'method="post"' in page.get_data(as_text=True)
+    wrong = client.post("/login", data={"key": "nope", "next": "/review"})
+    assert wrong.status_code == 401 and "Wrong key" in wrong.get_data(as_text=True)
+    right = client.post("/login", data={"key": "s3cret", "next": "/review"})
+    assert right.status_code == 303 and right.headers["Location"] == "/review"
+    cookie = right.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" not in cookie
+    assert client.get("/review").status_code == 200 and client.get("/api/review/queue").status_code == 200
+    client.post("/api/infer", data=images["positive"], headers={"Content-Type": "image/png", "X-API-Key": "s3cret"})
+    assert_failed(client.post("/api/review/items/1", json={"decision": "agree"}), 403, "X-IDC-Station")
+    assert client.post("/api/review/items/1", json={"decision": "agree"}, headers={"X-IDC-Station": "1"}).status_code == 200
+    assert client.post("/logout").status_code == 303
+    assert client.get("/review").status_code == 401
+    assert client.post("/login", data={"key": "s3cret", "next": "https://evil.example/"}).headers["Location"] == "/"
+
+
+# --- /metrics ---
+
+def samples(client) -> dict:
+    text = client.get("/metrics").get_data(as_text=True)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_parse_and_move_with_requests(station, flagging_classifier, images):
+    client = station(classifier=flagging_classifier)
+    before = samples(client)
+    infer_ok = ("idc_http_requests_total", (("endpoint", "/api/infer"), ("method", "POST"), ("status", "200")))
+    assert infer_ok not in before and before[("idc_review_queue_length", ())] == 0
+    assert before[("idc_mqtt_dropped_total", ())] == 7 and before[("idc_mqtt_queue_depth", ())] == 0
+    for name in ("positive", "negative"):
+        client.post("/api/infer", data=images[name], headers={"Content-Type": "image/png"})
+    client.post("/api/infer", data=b"nope", headers={"Content-Type": "image/png"})
+    batch(client, [("a.png", image_bytes(colour=(10, 200, 30)))])
+    after = samples(client)
+    assert after[infer_ok] == 2
+    assert after[("idc_http_requests_total", (("endpoint", "/api/infer"), ("method", "POST"), ("status", "400")))] == 1
+    assert after[("idc_inference_seconds_count", ())] == 3 and after[("idc_inference_seconds_sum", ())] > 0
+    assert after[("idc_http_request_duration_seconds_count", (("endpoint", "/api/infer"),))] == 3
+    assert after[("idc_review_queue_length", ())] == after[("idc_images_flagged_total", ())] >= 2
+    assert after[("idc_http_requests_total", (("endpoint", "/metrics"), ("method", "GET"), ("status", "200")))] == 1
+    info = [key for key in after if key[0] == "idc_model_info"]
+    assert dict(info[0][1])["precision"] == "FP16"
+
+
+# --- config ---
+
+@pytest.mark.parametrize("changes, says", [
+    ({"batch_max_files": 0}, "batch_max_files"),
+    ({"batch_max_unzipped_bytes": -1}, "batch_max_unzipped_bytes"),
+    ({"review_db": " "}, "review_db"),
+    ({"review_all_idc": "yes"}, "review_all_idc"),
+])
+def test_review_station_config_is_validated(make_config, changes, says):
+    with pytest.raises(ConfigError, match=says):
+        make_config(Server=changes)
+
+
+def test_default_review_db_is_in_the_model_directory():
+    from idc.edge.review import review_db_path
+
+    config = load_config()
+    assert config.Server.review_db is None and review_db_path(config) == config.model_dir / "review.sqlite3"
+
+
+# --- the export as extra training data (trainer.py --extra-labels) ---
+
+def test_export_becomes_extra_training_data(tmp_path):
+    from idc.core.bundle import ModelDir
+    from idc.core.review_export import write_csv
+    from idc.training.data import add_extra_labels, sort_dataset
+
+    make_dataset(tmp_path / "raw", patients=5, per_class=3)
+    model = ModelDir(tmp_path / "model", "DevCloudIDC")
+    sort_dataset(tmp_path / "raw", model, validation_fraction=0.2, test_fraction=0.2, seed=1)
+    train_patient = model.read_manifest("train")[0].patient
+    test_patient = model.read_manifest("test")[0].patient
+    store = ReviewStore(tmp_path / "review.sqlite3")
+    patch = (tmp_path / "model" / model.read_manifest("train")[0].path.relative_to(model.root)).read_bytes()
+    ids = store.add([QueueEntry(patch, "PNG", 0.6, 1, True, f"{train_patient}_idx5_x50_y100_class1.png"),
+                     QueueEntry(patch + b"x", "PNG", 0.5, 0, True, f"{test_patient}_idx5_x0_y0_class0.png"),
+                     QueueEntry(patch + b"y", "PNG", 0.5, 0, True, "upload.png")])
+    for item_id, decision in zip(ids, ("disagree", "agree", "unsure")):
+        store.review(item_id, decision)
+    export = tmp_path / "reviews.csv"
+    with export.open("w", newline="") as f:
+        assert write_csv(store.reviewed_with_images(), f) == 3
+    before = len(model.read_manifest("train"))
+    added, left_out = add_extra_labels(export, model)
+    assert added == 1 and len(left_out) == 1 and "validation/test patient" in left_out[0]  # unsure: no label
+    rows = model.read_manifest("train")
+    assert len(rows) == before + 1
+    new = rows[-1]
+    assert (new.patient, new.x, new.y, new.label) == (train_patient, 50, 100, 0)  # disagree flipped 1 -> 0
+    assert new.path.read_bytes() == patch and new.path.parent.name == "0"
+    assert add_extra_labels(export, model)[0] == 0  # added once only
+
+
+def test_trainer_has_the_extra_labels_option():
+    done = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "--extra-labels CSV" in done.stdout
