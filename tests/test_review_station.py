@@ -437,3 +437,31 @@ def test_trainer_has_the_extra_labels_option():
     done = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "--extra-labels CSV" in done.stdout
+
+
+def test_a_patients_zip_gets_the_bundles_slide_context_beside_patch_alone(station, tiny_project, tmp_path):
+    import dataclasses
+
+    from idc.core.bundle import Bundle
+    from idc.core.context import with_context
+    from idc.edge.engine import OpenVINOClassifier
+
+    config, _ = tiny_project
+    rule = {"radius": 1, "weight": 0.5, "threshold": 0.5, "validation_balanced_accuracy": 1.0}
+    bundle = dataclasses.replace(Bundle.load(config.model.ir_dir("FP16")), slide_context=rule)
+    with_rule = OpenVINOClassifier(config.model.ir_xml("FP16"), "CPU", bundle)
+    data, names = patient_zip(tmp_path, per_class=4)
+    body = batch(station(with_rule), data=data, content_type="application/zip").get_json()
+    assert body["SlideContext"] == {"radius": 1, "weight": 0.5, "threshold": 0.5}
+    results = body["Results"]
+    expected = with_context([r["Patient"] for r in results], [r["X"] for r in results], [r["Y"] for r in results],
+                            [r["Confidence"] for r in results], 1, 0.5)
+    assert [r["ContextConfidence"] for r in results] == pytest.approx(expected.tolist())
+    assert [r["ContextResults"] for r in results] == [int(q >= 0.5) for q in expected]
+    assert any(abs(r["ContextConfidence"] - r["Confidence"]) > 1e-3 for r in results)  # neighbours did count
+    # streamed: the context comes as the last line; the model without a rule stays patch-alone
+    streamed = batch(station(with_rule), data=data, content_type="application/zip", Accept="application/x-ndjson")
+    last = json.loads(streamed.get_data(as_text=True).splitlines()[-1])
+    assert last["SlideContext"]["weight"] == 0.5 and [c["File"] for c in last["Context"]] == names
+    plain = batch(station(), data=data, content_type="application/zip").get_json()
+    assert plain["SlideContext"] is None and "ContextConfidence" not in plain["Results"][0]

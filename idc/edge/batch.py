@@ -20,6 +20,13 @@ review queue, or null); a failed image is `{"File", "Response": "FAILED", "Respo
 the mosaic of a zip with it). With `Accept: application/x-ndjson` the answer streams, one JSON
 object a line: first the envelope without `Results` (plus `Files`, the names in order), then each
 result as soon as its chunk of images is classified.
+
+Slide context: when the model bundle has a slide-context rule (chosen on validation patients at
+training) and patches carry slide coordinates, the patches of a patient inform each other: those
+results also get `ContextConfidence` and `ContextResults` (the patch-alone fields are unchanged)
+and the reply `SlideContext` (the rule; null when not applied). When streaming, that comes as one
+last line, `{"Response": "OK", "SlideContext": rule, "Context": [{File, ContextConfidence,
+ContextResults}]}`, since it needs every patch first.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from idc.core.bundle import parse_patch_name
 from idc.core.errors import ApiError, ImageError
+from idc.core.context import with_context
 from idc.core.metrics import decide
 from idc.core.preprocessing import decode_image
 from idc.edge.api import IMAGE_ERROR_STATUS, RAW_TYPES, image_format
@@ -198,6 +206,21 @@ def classify_uploads(uploads: list[Upload], with_images: bool):
         yield from results
 
 
+def apply_slide_context(classifier, results: list[dict]) -> dict | None:
+    """The bundle's slide-context rule (idc.core.context) on the batch's patches that carry slide
+    coordinates: each such result gains ContextConfidence and ContextResults. Returns the rule
+    applied, or None (no rule in the bundle, or no patch with coordinates). Patch-alone fields stay."""
+    rule = classifier.bundle.slide_context
+    placed = [r for r in results if r.get("Response") == "OK" and r.get("Patient") is not None]
+    if not rule or not placed:
+        return None
+    p = with_context([r["Patient"] for r in placed], [r["X"] for r in placed], [r["Y"] for r in placed],
+                     [r["Confidence"] for r in placed], rule["radius"], rule["weight"])
+    for result, p_context in zip(placed, p):
+        result["ContextConfidence"], result["ContextResults"] = float(p_context), int(p_context >= rule["threshold"])
+    return {key: rule[key] for key in ("radius", "weight", "threshold")}
+
+
 def _publish_and_archive(state, data: bytes, fmt: str, label: int, p: float, review: bool) -> None:
     try:
         state.publisher.publish_result(label, p, review)
@@ -228,15 +251,24 @@ def infer_batch():
             head = {"Response": "OK", "ResponseMessage": f"classifying {len(uploads)} images", "Model": identity,
                     "Count": len(uploads), "Files": [upload.name for upload in uploads]}
             yield json.dumps(head) + "\n"
+            results = []
             for result in classify_uploads(uploads, with_images):
+                results.append({key: result.get(key) for key in ("File", "Response", "Patient", "X", "Y", "Confidence")})
                 yield json.dumps(result) + "\n"
+            rule = apply_slide_context(state.classifier, results)  # needs every patch: the last line
+            if rule:
+                context = [{key: r[key] for key in ("File", "ContextConfidence", "ContextResults")}
+                           for r in results if "ContextConfidence" in r]
+                yield json.dumps({"Response": "OK", "SlideContext": rule, "Context": context}) + "\n"
 
         return Response(stream_with_context(lines()), mimetype="application/x-ndjson",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     results = list(classify_uploads(uploads, with_images))
     failed = sum(result["Response"] != "OK" for result in results)
+    rule = apply_slide_context(state.classifier, results)
     return {"Response": "OK", "ResponseMessage": f"classified {len(results) - failed} of {len(results)} images",
-            "Model": identity, "Count": len(results), "Failed": failed, "Seconds": round(time.perf_counter() - started, 6), "Results": results}
+            "Model": identity, "Count": len(results), "Failed": failed, "SlideContext": rule,
+            "Seconds": round(time.perf_counter() - started, 6), "Results": results}
 
 
 def init_app(app) -> None:

@@ -152,6 +152,7 @@
           if (withImages) { counts.total += message.Count; prepareMosaics(message.Files); }
           continue;
         }
+        if (message.Context) continue;  // the batch's slide-context line: the page shows patch-alone verdicts
         await show(message, localFiles);
       }
     }
