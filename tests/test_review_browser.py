@@ -1,7 +1,9 @@
 """The review station in a real headless browser: Debian's chromium driven by selenium through
 Debian's chromedriver (apt-get install chromium chromium-driver; .ci/run installs them), against
 server.py on 127.0.0.1. Nothing downloads a browser; without chromium/chromedriver these tests skip.
-The two screenshots of the README (docs/screenshots/) are taken here."""
+The two screenshots of the README are taken here: into docs/screenshots/ with
+IDC_SCREENSHOTS=1 (to refresh them), else into a temporary folder, so a test run leaves the
+checkout unchanged."""
 
 import csv
 import io
@@ -23,7 +25,7 @@ from tests.synthetic import make_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = ROOT / "docs" / "screenshots" if os.environ.get("IDC_SCREENSHOTS") else None
 WAIT = 30  # seconds: every wait below is bounded
 
 
@@ -138,9 +140,10 @@ def save_screenshot(driver, name: str) -> Path:
     """A small PNG (palette) for the README."""
     from PIL import Image
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    folder = SCREENSHOTS or Path(tempfile.gettempdir()) / "idc-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
     image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
-    path = SCREENSHOTS / name
+    path = folder / name
     image.quantize(colors=128).save(path, optimize=True)
     return path
 
