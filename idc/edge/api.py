@@ -51,6 +51,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from idc.core.config import Config
 from idc.core.errors import ApiError, ImageError, ImageTooLargeError, ListenError, UnsupportedImageError
+from idc.edge.identity import model_identity
 
 if TYPE_CHECKING:
     from idc.edge.engine import Classifier
@@ -141,6 +142,7 @@ class ApiState:
         server = config.Server
         self.config = config
         self.classifier = classifier
+        self.identity = model_identity(classifier)  # hashes the model files: once, not per request
         self.publisher = publisher
         self.owns_publisher = owns_publisher
         self.max_side = server.max_image_side
@@ -286,10 +288,9 @@ def health():
 
 def _station_health(state: ApiState) -> dict:
     """The served model's identity and the review queue (idc.edge.identity, idc.edge.review)."""
-    from idc.edge.identity import model_identity
     from idc.edge.review import review_status
 
-    return {"identity": model_identity(state.classifier), "review": review_status()}
+    return {"identity": state.identity, "review": review_status()}
 
 
 def create_app(config: Config, classifier: Classifier | None = None, publisher=None) -> Flask:

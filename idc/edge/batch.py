@@ -50,7 +50,7 @@ from idc.core.context import with_context
 from idc.core.metrics import decide
 from idc.core.preprocessing import decode_image
 from idc.edge.api import IMAGE_ERROR_STATUS, RAW_TYPES, image_format
-from idc.edge.identity import model_identity
+from idc.edge.identity import identity_label
 from idc.edge.review import MIME, QueueEntry, check_access, queue_predictions
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ def classify_uploads(uploads: list[Upload], with_images: bool):
     app = current_app._get_current_object()
     state = app.extensions["idc"]
     classifier, metrics = state.classifier, app.extensions.get("idc_metrics")
-    label_of = model_identity(classifier)
-    model = " ".join(str(v) for k, v in label_of.items() if k != "trained_at")
+    model = identity_label(state.identity)
     for start in range(0, len(uploads), CHUNK):
         chunk = uploads[start:start + CHUNK]
         decoded, results = [], [None] * len(chunk)
@@ -244,7 +243,7 @@ def infer_batch():
     uploads = batch_uploads(server.batch_max_files, server.batch_max_unzipped_bytes)
     with_images = request.args.get("images") in ("1", "true", "yes")
     started = time.perf_counter()
-    identity = model_identity(state.classifier)
+    identity = state.identity
     g.batch_size = len(uploads)
     if "application/x-ndjson" in request.headers.get("Accept", ""):
         def lines():

@@ -9,11 +9,7 @@ model.json beside them, so two models of the same name trained on other data nev
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
-
-_cache: dict[int, dict] = {}
-_lock = threading.Lock()
 
 
 def _files(classifier) -> list[Path]:
@@ -43,20 +39,19 @@ def content_hash(files: list[Path]) -> str:
 
 def model_identity(classifier) -> dict:
     """{"name", "precision", "hash" (16 hex digits), "trained_at"}; {} when no model is loaded (or a
-    stand-in without a bundle)."""
+    stand-in without a bundle). Reads the model files: computed once per app (ApiState.identity)."""
     if getattr(classifier, "bundle", None) is None:
         return {}
-    with _lock:
-        known = _cache.get(id(classifier))
-        if known is not None and known["_ref"] is classifier:
-            return {k: v for k, v in known.items() if k != "_ref"}
-        bundle = classifier.bundle
-        identity = {"name": bundle.model_name,
-                    "precision": getattr(classifier, "precision", None) or bundle.precision or "keras",
-                    "hash": content_hash(_files(classifier))[:16] or bundle.data_fingerprint[:16],
-                    "trained_at": bundle.created_at}
-        _cache[id(classifier)] = {**identity, "_ref": classifier}
-        return identity
+    bundle = classifier.bundle
+    return {"name": bundle.model_name,
+            "precision": getattr(classifier, "precision", None) or bundle.precision or "keras",
+            "hash": content_hash(_files(classifier))[:16] or bundle.data_fingerprint[:16],
+            "trained_at": bundle.created_at}
+
+
+def identity_label(identity: dict) -> str:
+    """One line for the review queue: name, precision, hash."""
+    return " ".join(str(v) for k, v in identity.items() if k != "trained_at")
 
 
 def identity_headers(identity: dict) -> dict:

@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from idc.core.errors import ReviewStoreError
-from idc.edge.identity import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class _LiveCollector:
             value = mqtt.get(key)
             if isinstance(value, (int, float)):
                 yield kind(name, text, value=float(value))
-        identity = model_identity(state.classifier)
+        identity = state.identity
         info = GaugeMetricFamily("idc_model_info", "The model served (1)", labels=["name", "precision", "hash", "backend"])
         if identity:
             info.add_metric([identity["name"], identity["precision"], identity["hash"], getattr(state.classifier, "backend", "?")], 1)

@@ -356,10 +356,8 @@ def _page(template: str):
     state = _state()
     if state.auth_required and not _session_ok():
         return _login_page("This review station needs the server's API key.", 401)
-    from idc.edge.identity import model_identity
-
     classifier = state.classifier
-    return render_template(template, identity=model_identity(classifier), auth=state.auth_required,
+    return render_template(template, identity=state.identity, auth=state.auth_required,
                            threshold=getattr(classifier, "threshold", None),
                            max_upload_bytes=state.config.Server.max_upload_bytes,
                            batch_max_files=state.config.Server.batch_max_files)

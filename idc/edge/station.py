@@ -9,7 +9,7 @@ import logging
 from flask import g, request
 
 from idc.edge import batch, metrics, review
-from idc.edge.identity import identity_headers, model_identity
+from idc.edge.identity import identity_headers, identity_label
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def init_app(app, state) -> None:
     review.init_app(app, state)
     batch.init_app(app)
     metrics.init_app(app)
-    headers = identity_headers(model_identity(state.classifier))
+    headers = identity_headers(state.identity)
 
     @app.after_request
     def model_headers(response):
@@ -42,9 +42,7 @@ def init_app(app, state) -> None:
             from idc.edge.api import image_format
 
             upload = request.files.get("file") if request.mimetype == "multipart/form-data" else None
-            identity = model_identity(state.classifier)
             review.queue_later(review.QueueEntry(
                 data, image_format(data), prediction.p_idc, prediction.label, prediction.needs_review,
-                upload.filename if upload is not None else None,
-                " ".join(str(v) for k, v in identity.items() if k != "trained_at")))
+                upload.filename if upload is not None else None, identity_label(state.identity)))
         return response
