@@ -82,32 +82,25 @@ def default_server(config) -> str:
     return f"{scheme}://{host}:{settings.port}"
 
 
-def is_name_resolution_error(err: BaseException) -> bool:
-    """Whether a (requests) connection error comes from a host name that does not resolve: a
-    socket.gaierror somewhere in its chain (causes, contexts, urllib3's `reason`, the arguments)."""
-    seen, todo = set(), [err]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, socket.gaierror) or type(current).__name__ == "NameResolutionError":
-            return True
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
-        todo += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
-    return False
+def unresolvable(url: str) -> str | None:
+    """Why the server's host name does not resolve, or None: checked once, before any image is
+    sent (a name that does not resolve will not start resolving by retrying)."""
+    try:
+        socket.getaddrinfo(urlsplit(url).hostname, None)
+    except socket.gaierror as err:
+        return err.strerror or str(err)
+    return None
 
 
 def post_image(session: requests.Session, url: str, data: bytes, content_type: str, headers: dict,
                timeout: float, retries: int, backoff: float) -> requests.Response:
-    """POST one image; retry (bounded, doubling delays) only when the connection itself fails
-    (not when the host name does not resolve: that will not change by waiting)."""
+    """POST one image; retry (bounded, doubling delays) only when the connection itself fails."""
     for attempt in range(retries + 1):
         try:
             return session.post(url, data=data, headers={**headers, "Content-Type": content_type},
                                 timeout=timeout)
         except requests.ConnectionError as err:
-            if attempt == retries or is_name_resolution_error(err):
+            if attempt == retries:
                 raise
             delay = backoff * 2 ** attempt
             print(f"   could not connect to {url}; retrying in {delay:.1f} s ({attempt + 1}/{retries})")
@@ -172,6 +165,11 @@ def main(argv=None) -> int:
     headers = {"X-API-Key": api_key} if api_key else {}
     counts = {"IDC": 0, "no IDC": 0, "needs review": 0, "failed": 0}
     sent = 0
+    why = unresolvable(url)
+    if why is not None:
+        print(f"!! Request failed: could not resolve the host name {urlsplit(url).hostname} ({why}); "
+              f"{len(images)} image(s) not sent")
+        counts["failed"], images = len(images), []
     started = time.perf_counter()
     with requests.Session() as session:
         for index, path in enumerate(images):
@@ -189,12 +187,6 @@ def main(argv=None) -> int:
                                       args.timeout, args.retries, args.backoff)
             except requests.ConnectionError as err:
                 unsent = len(images) - index
-                if is_name_resolution_error(err):
-                    print(f"!! Request failed: could not resolve the host name {urlsplit(url).hostname} "
-                          f"({reason(err)}); {unsent} image(s) not sent")
-                    counts["failed"] += unsent
-                    sent -= 1  # it never reached the server
-                    break
                 print(f"!! Request failed: could not connect to {url} ({reason(err)}) after {args.retries} "
                       f"retries; {unsent} image(s) not sent")
                 counts["failed"] += unsent

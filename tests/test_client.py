@@ -1,7 +1,6 @@
 """client.py, run as a subprocess against a real waitress server (and a dead one)."""
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -206,39 +205,3 @@ def test_client_fails_at_once_when_the_host_name_does_not_resolve(tmp_path):
     assert "could not resolve the host name no-such-host.invalid" in done.stdout
     assert "2 image(s) not sent" in done.stdout and "failed: 2" in done.stdout
     assert elapsed < 15  # 4 retries at 1, 2, 4, 8 s would take 15 s
-
-
-def test_name_resolution_failures_are_not_retried(monkeypatch):
-    sys.path.insert(0, str(ROOT))
-    import requests
-    import urllib3
-
-    import client
-
-    def dns_error():
-        try:
-            try:
-                raise socket.gaierror(-2, "Name or service not known")
-            except socket.gaierror as gai:
-                raise urllib3.exceptions.NewConnectionError(None, "Failed to resolve 'x.invalid'") from gai
-        except urllib3.exceptions.NewConnectionError as new:
-            reason = new
-        return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/api/infer", reason))
-
-    class NoSuchHost:
-        calls = 0
-
-        def post(self, url, **kwargs):
-            self.calls += 1
-            raise dns_error()
-
-    delays = []
-    monkeypatch.setattr(client.time, "sleep", delays.append)
-    session = NoSuchHost()
-    with pytest.raises(requests.ConnectionError) as raised:
-        client.post_image(session, "http://x.invalid/api/infer", b"img", "image/png", {}, 5, 4, 0.5)
-    assert session.calls == 1 and delays == []
-    assert client.is_name_resolution_error(raised.value)
-    refused = requests.ConnectionError(urllib3.exceptions.MaxRetryError(
-        None, "/", urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused")))
-    assert not client.is_name_resolution_error(refused)
