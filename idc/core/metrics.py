@@ -23,21 +23,14 @@ def classification_metrics(labels, p_idc, threshold: float) -> dict:
 
     y = np.asarray(labels, dtype=int)
     p = np.asarray(p_idc, dtype=float)
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel().tolist()
-    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
-    sensitivity, specificity, precision = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
+    tn, fp, fn, tp = _confusion(y, p, threshold)
     both = len(set(y.tolist())) == 2
     return {
         "threshold": threshold,
         "patches": int(len(y)),
-        "accuracy": ratio(tp + tn, len(y)),
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "precision": precision,
-        "f1_idc": ratio(2 * tp, 2 * tp + fp + fn),
-        "roc_auc": float(skm.roc_auc_score(y, p)) if both else float("nan"),
+        "accuracy": (tp + tn) / len(y) if len(y) else float("nan"),
+        **{name: float(value) for name, value in _rates(y, p, threshold).items()},
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
         "average_precision": float(skm.average_precision_score(y, p)) if both else float("nan"),
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
@@ -67,19 +60,23 @@ def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
 INTERVAL_METRICS = ("balanced_accuracy", "f1_idc", "sensitivity", "specificity", "roc_auc")
 
 
+def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(tn, fp, fn, tp) at the threshold."""
+    predicted, positives = p >= threshold, y == 1
+    return (int((~predicted & ~positives).sum()), int((predicted & ~positives).sum()),
+            int((~predicted & positives).sum()), int((predicted & positives).sum()))
+
+
 def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    """The INTERVAL_METRICS of one (resampled) set, in NumPy (fast enough for a bootstrap)."""
+    """The INTERVAL_METRICS of one set, in NumPy (fast enough to repeat for a bootstrap)."""
     from scipy.stats import rankdata
 
-    pred = p >= threshold
-    positives, negatives = y == 1, y == 0
-    tp, fn = int((pred & positives).sum()), int((~pred & positives).sum())
-    tn, fp = int((~pred & negatives).sum()), int((pred & negatives).sum())
+    tn, fp, fn, tp = _confusion(y, p, threshold)
     sensitivity = tp / (tp + fn) if tp + fn else np.nan
     specificity = tn / (tn + fp) if tn + fp else np.nan
-    n_pos, n_neg = int(positives.sum()), int(negatives.sum())
+    n_pos, n_neg = tp + fn, tn + fp
     # ROC AUC as the Mann-Whitney U statistic (ties count half), as sklearn computes it.
-    auc = ((rankdata(p)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else np.nan
+    auc = ((rankdata(p)[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else np.nan
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan
     return {"balanced_accuracy": (sensitivity + specificity) / 2, "f1_idc": f1, "sensitivity": sensitivity,
             "specificity": specificity, "roc_auc": auc}
