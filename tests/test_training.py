@@ -177,6 +177,23 @@ def test_training_chooses_the_decision_rule_on_validation_patients(tmp_path, cap
     assert [row["threshold"] for row in validation["tradeoff"]][:2] == [0.1, 0.15]
     result = evaluate(config, split="test")
     assert result["threshold"] == bundle.threshold
-    if bundle.slide_context:  # chosen only where it helps on validation; then reported beside patch-alone
-        assert result["slide_context"]["threshold"] == bundle.slide_context["threshold"]
-        assert "With slide context" in capsys.readouterr().out
+    assert ("slide_context" in result) == (bundle.slide_context is not None)  # only where it helped on validation
+
+
+def test_evaluation_reports_slide_context_beside_patch_alone(trained, tmp_path, capsys):
+    import dataclasses
+    import shutil
+
+    from idc.core.bundle import Bundle
+    from idc.core.config import with_overrides
+
+    config, _ = trained
+    copy = with_overrides(config, "ClassifierSettings", model_dir=str(tmp_path / "model"))
+    shutil.copytree(config.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("bottlenecks", "logs", "ir"))
+    rule = {"radius": 1, "weight": 0.5, "threshold": 0.5, "validation_balanced_accuracy": 1.0}
+    dataclasses.replace(Bundle.load(copy.model_dir), slide_context=rule).save(copy.model_dir)
+    result = evaluate(copy, split="test", report_dir=tmp_path / "report")
+    context = result["slide_context"]
+    assert (context["radius"], context["weight"], context["threshold"]) == (1, 0.5, 0.5)
+    assert context["patches"] == result["patches"] and set(context["intervals_95"]) >= {"balanced_accuracy", "f1_idc"}
+    assert "With slide context (neighbours within 1 patches, weight 0.5) at threshold 0.5:" in capsys.readouterr().out

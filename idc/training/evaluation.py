@@ -88,9 +88,9 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     # Patients, not patches, are the independent units: intervals by bootstrap over patients.
     result["intervals_95"] = metrics.patient_bootstrap([x.patient for x in kept], labels, p, threshold,
                                                        seed=config.classifier.random_seed)
-    correct = (p >= threshold) == (labels == 1)
+    correct = predicted == labels
     # The article's "average confidence of correct answers" (0.96 there): P of the class given.
-    result["mean_confidence_correct"] = float(np.where(p >= threshold, p, 1 - p)[correct].mean()) \
+    result["mean_confidence_correct"] = float(np.where(predicted == 1, p, 1 - p)[correct].mean()) \
         if correct.any() else float("nan")
     patients = metrics.per_patient([x.patient for x in kept], labels, p, threshold)
     false_negatives = (labels == 1) & (predicted == 0)
