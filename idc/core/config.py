@@ -39,6 +39,7 @@ class ClassifierSettings:
     feature_layers: list[str]
     pooling: str
     train_views: list[str]
+    stain_jitter: dict[str, float]
     test_time_augmentation: bool
     image_size: int
     batch_size: int
@@ -85,8 +86,17 @@ class ClassifierSettings:
         _require(len(self.feature_layers) > 0, "feature_layers", "must name at least one layer")
         _require(self.pooling in ("mean", "mean+std"), "pooling", 'must be "mean" or "mean+std"')
         views = ("identity", "hflip", "vflip", "rot90")
-        _require(len(self.train_views) > 0 and set(self.train_views) <= set(views), "train_views",
-                 f"must be a non-empty list of {list(views)}")
+        stain = [v for v in self.train_views if re.fullmatch(r"stain[1-9][0-9]*", v)]
+        _require(len(self.train_views) > 0 and set(self.train_views) <= set(views) | set(stain), "train_views",
+                 f"must be a non-empty list of {list(views)} and stain views stain1, stain2, ...")
+        _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
+                 and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
+                 'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
+
+    @property
+    def tta_views(self) -> tuple[str, ...]:
+        """The views test-time augmentation averages over: the flips/rotations trained on."""
+        return tuple(v for v in self.train_views if not v.startswith("stain"))
         bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
         _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 

@@ -17,15 +17,16 @@ import numpy as np
 from tqdm import tqdm
 
 from idc.core.bundle import PREPROCESSING_VERSION
-from idc.core.keras_model import view_array
-from idc.core.preprocessing import decode_image, preprocess
+from idc.core.preprocessing import decode_image
+from idc.training import augment
 
 log = logging.getLogger(__name__)
 
 
 def trunk_key(weights_id: str, feature_layers: list[str], pooling: str, image_size: int,
               view: str = "identity") -> str:
-    """A short, stable name for one trunk configuration and view of the images."""
+    """A short, stable name for one trunk configuration and view of the images (for a stain view,
+    `view` is augment.describe_view's text, strengths and seed included)."""
     text = json.dumps([weights_id, feature_layers, pooling, image_size, view, PREPROCESSING_VERSION])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -37,8 +38,9 @@ def file_digest(path: str | Path) -> str:
 class BottleneckCache:
     """Features of images for one trunk, stored as one .npz (digests + feature matrix)."""
 
-    def __init__(self, cache_dir: str | Path, key: str, description: dict | None = None, view: str = "identity"):
-        self.view = view
+    def __init__(self, cache_dir: str | Path, key: str, description: dict | None = None, view: str = "identity",
+                 stain_jitter: dict[str, float] | None = None, seed: int = 0):
+        self.view, self.stain_jitter, self.seed = view, stain_jitter, seed
         self.folder = Path(cache_dir) / key
         self.path = self.folder / "bottlenecks.npz"
         self.description = description or {}
@@ -60,7 +62,8 @@ class BottleneckCache:
             log.info("bottlenecks: %d cached, computing %d", self.hits, self.misses)
             for start in tqdm(range(0, len(todo), batch_size), desc=f"bottlenecks ({self.view})", unit="batch"):
                 chunk = todo[start:start + batch_size]
-                batch = view_array(preprocess([decode_image(path) for _, path in chunk], image_size), self.view)
+                batch = augment.view_batch([decode_image(path) for _, path in chunk], [d for d, _ in chunk],
+                                           self.view, image_size, self.stain_jitter, self.seed)
                 values = np.asarray(trunk(batch, training=False), dtype=np.float32)
                 self._features.update((digest, value) for (digest, _), value in zip(chunk, values))
             self.save()

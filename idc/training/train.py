@@ -17,7 +17,7 @@ from collections import Counter
 import keras
 import numpy as np
 
-from idc.training import bottleneck, calibration, data
+from idc.training import augment, bottleneck, calibration, data
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
@@ -146,11 +146,13 @@ def train(config: Config, trunk=None) -> dict:
         views = settings.train_views if split == "train" else ["identity"]
         per_view, cache_stats[split] = [], {"hits": 0, "computed": 0}
         for view in views:
+            described = augment.describe_view(view, settings.stain_jitter, settings.random_seed)
             key = bottleneck.trunk_key(weights_id, settings.feature_layers, settings.pooling,
-                                       settings.image_size, view)
-            cache = bottleneck.BottleneckCache(model.bottlenecks, key, view=view, description={
+                                       settings.image_size, described)
+            cache = bottleneck.BottleneckCache(model.bottlenecks, key, view=view, stain_jitter=settings.stain_jitter,
+                                               seed=settings.random_seed, description={
                 "weights": weights_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
-                "image_size": settings.image_size, "view": view})
+                "image_size": settings.image_size, "view": described})
             if patches:
                 per_view.append(cache.features([p.path for p in patches], trunk, settings.batch_size,
                                                settings.image_size))
@@ -167,7 +169,7 @@ def train(config: Config, trunk=None) -> dict:
     if settings.fine_tune_blocks > 0:
         fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
     if settings.test_time_augmentation:
-        classifier = build_classifier(trunk, head, tuple(settings.train_views))
+        classifier = build_classifier(trunk, head, settings.tta_views)
 
     model.root.mkdir(parents=True, exist_ok=True)
     classifier.save(model.keras_model)
