@@ -53,3 +53,8 @@ def test_weights_identity_changes_with_the_file(tmp_path):
     first = describe_weights(str(weights))
     weights.write_bytes(b"22")
     assert describe_weights(str(weights)) != first
+    # a copy elsewhere (a new path and time stamp, the same bytes) keeps the identity: no recomputation
+    copy = tmp_path / "elsewhere" / "w.h5"
+    copy.parent.mkdir()
+    copy.write_bytes(b"22")
+    assert describe_weights(str(copy)) == describe_weights(str(weights))

@@ -41,7 +41,7 @@ def test_exported_model_beats_chance_on_held_out_patients(trained, capsys):
     report = config.model_dir / "reports" / "test"
     for name in ("metrics.json", "predictions.csv", "false_negatives.csv", "false_positives.csv",
                  "per_patient.csv", "confusion_matrix.png", "roc_curve.png", "precision_recall.png",
-                 "training_curves.png", "patient_heatmaps.png"):
+                 "training_curves.png", "index.html"):
         assert (report / name).stat().st_size > 0, name
     assert len((report / "predictions.csv").read_text().splitlines()) == 33
     for name in ("predictions.csv", "false_negatives.csv", "per_patient.csv"):  # Unix line endings

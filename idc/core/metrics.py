@@ -37,7 +37,8 @@ def classification_metrics(labels, p_idc, threshold: float) -> dict:
 
 
 def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
-    """One row per patient: patches, IDC fraction (true and predicted), accuracy, sensitivity."""
+    """One row per patient: patches, IDC fraction (true and predicted), accuracy, sensitivity,
+    specificity, and ROC AUC where the patient has patches of both classes."""
     rows = defaultdict(list)
     for patient, y, p in zip(patients, labels, p_idc):
         rows[patient].append((int(y), float(p)))
@@ -46,6 +47,7 @@ def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
         y = np.array([i[0] for i in items])
         pred = np.array([i[1] for i in items]) >= threshold
         positives = y == 1
+        auc = _rates(y, np.array([i[1] for i in items]), threshold)["roc_auc"]
         table.append({
             "patient": patient,
             "patches": len(items),
@@ -53,6 +55,8 @@ def per_patient(patients, labels, p_idc, threshold: float) -> list[dict]:
             "predicted_idc_fraction": round(float(pred.mean()), 4),
             "accuracy": round(float((pred == positives).mean()), 4),
             "sensitivity": round(float(pred[positives].mean()), 4) if positives.any() else None,
+            "specificity": round(float(1 - pred[~positives].mean()), 4) if (~positives).any() else None,
+            "roc_auc": None if np.isnan(auc) else round(float(auc), 4),
         })
     return table
 

@@ -21,7 +21,7 @@ from idc.core.context import with_context
 from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
 from idc.core.preprocessing import decode_image
 from idc.edge.engine import load_classifier
-from idc.training import data, reports
+from idc.training import data, html_report, reports
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,57 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
         reports.write_csv(report_dir / csv_name, wrong, reports.PREDICTION_FIELDS)
     reports.write_csv(report_dir / "per_patient.csv", patients, list(patients[0]))
     reports.save_json(report_dir / "metrics.json", result)
-    plots = reports.plot_report(report_dir, labels, p, threshold, model.history("head"), rows)
+    plots = reports.plot_report(report_dir, labels, p, threshold, model.history("head"))
+    heatmaps = html_report.save_patient_heatmaps(report_dir, rows)
+    gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, rows))
+    index = html_report.write_index(report_dir, result, patients, plots, heatmaps, gallery, _tradeoff(model))
     _log_to_tensorboard(model.log_dir(f"evaluation_{name}"), result)
 
     echo(summary(result))
     if skipped:
         echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][0]}: {skipped[0][1]}")
-    echo(f"report: {report_dir} ({len(plots)} plots, predictions.csv, metrics.json)")
+    echo(f"report: {index} ({len(plots)} plots, {len(heatmaps)} slide heatmaps, predictions.csv, metrics.json)")
     return result
+
+
+def missed_and_nearest_negatives(config: Config, rows: list[dict], shown: int = 24, neighbours: int = 4,
+                                 pool: int = 3000) -> tuple[list[dict], list[list[dict]]]:
+    """The most confidently missed IDC patches and, for each, the nearest patches without IDC in the
+    trunk's feature space (among up to `pool` negatives, drawn with the seed)."""
+    missed = sorted((r for r in rows if r["label"] == 1 and r["predicted"] == 0), key=lambda r: r["p_idc"])[:shown]
+    negatives = [r for r in rows if r["label"] == 0]
+    if not missed or not negatives:
+        return [], []
+    if not config.model.keras_model.exists():
+        log.warning("no Keras model at %s: the report has no gallery of nearest negatives", config.model.keras_model)
+        return [], []
+    from idc.core.bundle import Bundle
+    from idc.core.keras_model import load_keras_model
+    from idc.core.preprocessing import load_batch
+
+    rng = np.random.default_rng(config.classifier.random_seed)
+    negatives = [negatives[i] for i in sorted(rng.choice(len(negatives), min(pool, len(negatives)), replace=False))]
+    bundle = Bundle.load(config.model.root)
+    trunk = load_keras_model(config.model.keras_model, bundle.external_trunk).get_layer("trunk")
+    batch = config.classifier.batch_size
+
+    def features(items):
+        return np.concatenate([np.asarray(trunk.predict_on_batch(load_batch([r["file"] for r in items[i:i + batch]],
+                                                                            bundle.image_size)))
+                               for i in range(0, len(items), batch)])
+
+    nearest = html_report.nearest(features(missed), features(negatives), neighbours)
+    return missed, [[negatives[j] for j in row] for row in nearest]
+
+
+def _tradeoff(model) -> list[dict] | None:
+    """The validation trade-off recorded when the decision rule was chosen (training.json)."""
+    import json
+
+    if not model.training_record.exists():
+        return None
+    rule = json.loads(model.training_record.read_text()).get("decision_rule", {})
+    return (rule.get("validation") or {}).get("tradeoff")
 
 
 def slide_context_metrics(patches: list[Patch], labels: np.ndarray, p: np.ndarray, rule: dict, seed: int) -> dict:

@@ -8,6 +8,7 @@ their mean AND standard deviation keeps the texture statistics that tell tissue 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -28,11 +29,16 @@ WEIGHTS_HELP = (
 
 
 def describe_weights(weights: str) -> str:
-    """A stable identity for the trunk's weights, used to key the bottleneck cache."""
+    """A stable identity for the trunk's weights, used to key the bottleneck cache: a file's content
+    hash (not its path or time stamp, which a copy or a fresh checkout changes: the cache would be
+    recomputed for nothing)."""
     path = Path(weights).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return f"file:{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        digest = hashlib.sha1()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"file:{path.name}:sha1:{digest.hexdigest()}"
     return f"source:{weights}"
 
 

@@ -1,11 +1,10 @@
 """Evaluation reports: prediction CSVs, metrics.json and the plots (confusion matrix, ROC,
-precision-recall, training curves, per-patient slide heatmaps)."""
+precision-recall, training curves); the slide heatmaps and index.html are in html_report."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,8 @@ def save_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=float))
 
 
-def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: Path | None,
-                heatmap_rows: list[dict]) -> list[Path]:
-    """Confusion matrix, ROC, precision-recall, training curves and per-patient heatmaps as PNGs."""
+def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: Path | None) -> list[Path]:
+    """Confusion matrix, ROC, precision-recall and training curves (loss and accuracy) as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,28 +72,5 @@ def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: 
                 ax.set_title(f"Training {metric}")
                 ax.legend()
             save(fig, "training_curves.png")
-    if heatmap_rows:
-        save_heatmaps(report_dir, heatmap_rows, threshold, plt, save)
     return written
 
-
-def save_heatmaps(report_dir, rows, threshold, plt, save, max_patients: int = 6) -> None:
-    """P(IDC) laid out at each patch's slide position, beside the true labels, per patient."""
-    by_patient = defaultdict(list)
-    for row in rows:
-        by_patient[row["patient"]].append(row)
-    # The patients with the most patches show the slide best.
-    chosen = sorted(by_patient, key=lambda k: -len(by_patient[k]))[:max_patients]
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(7, 3.2 * len(chosen)), squeeze=False)
-    for (truth_ax, pred_ax), patient in zip(axes, chosen):
-        items = by_patient[patient]
-        xs, ys = [int(r["x"]) for r in items], [int(r["y"]) for r in items]
-        for ax, values, title in ((truth_ax, [r["label"] for r in items], "true IDC"),
-                                  (pred_ax, [r["p_idc"] for r in items], "P(IDC)")):
-            ax.scatter(xs, ys, c=values, cmap="coolwarm", vmin=0, vmax=1, marker="s", s=18)
-            ax.set_title(f"patient {patient}: {title}")
-            ax.invert_yaxis()
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    save(fig, "patient_heatmaps.png")

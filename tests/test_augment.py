@@ -1,0 +1,102 @@
+"""Stain augmentation: reproducible, keeps geometry and labels, and trains like any other view."""
+
+import json
+
+import numpy as np
+import pytest
+
+from idc.core.config import load_config
+from idc.core.errors import ConfigError
+from idc.training import augment
+from idc.training.evaluation import evaluate
+from idc.training.train import train
+from tests.synthetic import make_dataset, patch_image, tiny_trunk, write_config
+
+STRENGTH = {"hed": 0.05, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1}
+
+
+def stained_image(rng) -> np.ndarray:
+    """An image made of haematoxylin and eosin only (no DAB), as H&E slides are."""
+    from skimage.color import hed2rgb
+
+    stains = np.stack([rng.uniform(0, 0.08, (50, 50)), rng.uniform(0, 0.05, (50, 50)), np.zeros((50, 50))], -1)
+    return np.clip(np.rint(hed2rgb(stains) * 255), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def patches():
+    rng = np.random.default_rng(0)
+    return [np.asarray(patch_image(label, rng)) for label in (0, 1, 0, 1)] + [np.asarray(patch_image(1, rng, (50, 32)))]
+
+
+def test_a_stain_view_is_the_same_image_every_time(patches):
+    digests = [f"{i:040x}" for i in range(len(patches))]
+    first = augment.view_batch(patches, digests, "stain1", 75, STRENGTH, seed=42)
+    again = augment.view_batch(patches, digests, "stain1", 75, STRENGTH, seed=42)
+    assert np.array_equal(first, again)
+    # another view, another seed or another image: other draws
+    for other in (augment.view_batch(patches, digests, "stain2", 75, STRENGTH, seed=42),
+                  augment.view_batch(patches, digests, "stain1", 75, STRENGTH, seed=7),
+                  augment.view_batch(patches, digests[::-1], "stain1", 75, STRENGTH, seed=42)):
+        assert not np.array_equal(first, other)
+
+
+def test_stain_jitter_keeps_geometry_and_stays_within_its_strength(patches):
+    rng = np.random.default_rng(1)
+    for image in patches:
+        out = augment.stain_jitter(image, rng, STRENGTH)
+        assert out.shape == image.shape and out.dtype == np.uint8
+    # no jitter: the colour deconvolution round trip gives an H&E image back (to rounding)
+    zero = dict.fromkeys(STRENGTH, 0.0)
+    image = stained_image(np.random.default_rng(2))
+    assert np.mean(np.abs(augment.stain_jitter(image, rng, zero).astype(int) - image)) < 1.0
+    # brightness alone: the mean intensity moves by at most its strength
+    for _ in range(20):
+        out = augment.stain_jitter(image, rng, {**zero, "brightness": 0.1}).astype(float)
+        assert 0.88 <= out.mean() / image.mean() <= 1.12
+    # stronger HED jitter moves colours further (on average over draws)
+    change = {s: np.mean([np.abs(augment.stain_jitter(image, np.random.default_rng(i), {**zero, "hed": s})
+                                 .astype(int) - image).mean() for i in range(10)]) for s in (0.02, 0.2)}
+    assert change[0.2] > 2 * change[0.02]
+
+
+def test_view_batch_gives_the_models_input(patches):
+    digests = [str(i) for i in range(len(patches))]
+    batch = augment.view_batch(patches, digests, "stain3", 80, STRENGTH)
+    assert batch.shape == (len(patches), 80, 80, 3) and batch.dtype == np.float32
+    assert -1.0 <= batch.min() and batch.max() <= 1.0
+    assert np.array_equal(augment.view_batch(patches, digests, "hflip", 80),
+                          augment.view_batch(patches, digests, "identity", 80)[:, :, ::-1])
+    with pytest.raises(ValueError, match="stain jitter strengths"):
+        augment.view_batch(patches, digests, "stain1", 80)
+
+
+def test_the_cache_key_follows_the_strength():
+    assert augment.describe_view("hflip", STRENGTH, 1) == "hflip"
+    assert augment.describe_view("stain1", STRENGTH, 1) != augment.describe_view("stain1", {**STRENGTH, "hed": 0.2}, 1)
+    assert augment.describe_view("stain1", STRENGTH, 1) != augment.describe_view("stain1", STRENGTH, 2)
+
+
+def test_config_checks_views_and_strengths(tmp_path):
+    with pytest.raises(ConfigError, match="train_views"):
+        load_config(write_config(tmp_path, train_views=["identity", "stainX"]))
+    with pytest.raises(ConfigError, match="stain_jitter"):
+        load_config(write_config(tmp_path, stain_jitter={"hed": 0.05}))
+    config = load_config(write_config(tmp_path, train_views=["identity", "rot90", "stain1", "stain2"]))
+    assert config.classifier.tta_views == ("identity", "rot90")
+
+
+def test_training_with_stain_views_keeps_the_labels(tmp_path):
+    data = make_dataset(tmp_path / "data", patients=6, per_class=6)
+    config = load_config(write_config(tmp_path, dataset_dir=str(data), train_views=["identity", "stain1", "stain2"]))
+    from trainer import sort
+
+    sort(config)
+    record = train(config, trunk=tiny_trunk(75))
+    train_patches = sum(record["data"]["train"]["patches"].values())
+    assert record["bottleneck_cache"]["train"]["computed"] == 3 * train_patches
+    model = json.loads((config.model_dir / "model.json").read_text())
+    assert model["train_views"] == ["identity", "stain1", "stain2"]
+    # re-stained copies keep their patch's label: the head still separates the classes
+    assert record["head_history"]["accuracy"][-1] >= 0.9
+    assert evaluate(config, split="test", echo=lambda *a: None)["balanced_accuracy"] >= 0.9
