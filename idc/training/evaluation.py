@@ -115,7 +115,8 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
         reports.write_csv(report_dir / csv_name, wrong, reports.PREDICTION_FIELDS)
     reports.write_csv(report_dir / "per_patient.csv", patients, list(patients[0]))
     reports.save_json(report_dir / "metrics.json", result)
-    plots = reports.plot_report(report_dir, labels, p, threshold, model.history("head"))
+    plots = reports.plot_report(report_dir, labels, p, threshold,
+                                {"head": model.history("head"), "fine-tuning": model.history("fine_tune")})
     heatmaps = html_report.save_patient_heatmaps(report_dir, rows)
     gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, rows))
     index = html_report.write_index(report_dir, result, patients, plots, heatmaps, gallery, _tradeoff(model))

@@ -25,8 +25,9 @@ def save_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=float))
 
 
-def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: Path | None) -> list[Path]:
-    """Confusion matrix, ROC, precision-recall and training curves (loss and accuracy) as PNGs."""
+def plot_report(report_dir: Path, labels, p_idc, threshold: float, histories: dict[str, Path]) -> list[Path]:
+    """Confusion matrix, ROC, precision-recall and training curves (loss and accuracy of each
+    training phase in `histories`, name -> history CSV) as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,20 +58,31 @@ def plot_report(report_dir: Path, labels, p_idc, threshold: float, history_csv: 
         skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="IDC")
         ax.set_title("Precision-recall curve")
         save(fig, "precision_recall.png")
-    if history_csv is not None and history_csv.exists():
-        with history_csv.open() as f:
-            history = list(csv.DictReader(f))
-        if history:
-            fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-            epochs = [int(r["epoch"]) + 1 for r in history]
-            for ax, metric in zip(axes, ("accuracy", "loss")):
+    phases = [(name, _read_history(path)) for name, path in histories.items()]
+    phases = [(name, rows) for name, rows in phases if rows]
+    if phases:  # the article's Figs 5-6: accuracy and loss per epoch, phase after phase
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+        for ax, metric in zip(axes, ("accuracy", "loss")):
+            first = 1
+            for (name, rows), colour in zip(phases, ("tab:blue", "tab:orange")):
+                epochs = list(range(first, first + len(rows)))
                 for prefix, style in (("", "-"), ("val_", "--")):
-                    if prefix + metric in history[0]:
-                        ax.plot(epochs, [float(r[prefix + metric]) for r in history], style,
-                                label=("validation " if prefix else "training ") + metric)
-                ax.set_xlabel("epoch")
-                ax.set_title(f"Training {metric}")
-                ax.legend()
-            save(fig, "training_curves.png")
+                    if prefix + metric in rows[0]:
+                        ax.plot(epochs, [float(r[prefix + metric]) for r in rows], style, color=colour,
+                                label=f"{name}: {'validation' if prefix else 'training'}")
+                if first > 1:
+                    ax.axvline(first - 0.5, color="grey", lw=0.6)
+                first += len(rows)
+            ax.set_xlabel("epoch")
+            ax.set_title(f"Training {metric}")
+            ax.legend(fontsize="small")
+        save(fig, "training_curves.png")
     return written
 
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
