@@ -100,3 +100,26 @@ def test_training_with_stain_views_keeps_the_labels(tmp_path):
     # re-stained copies keep their patch's label: the head still separates the classes
     assert record["head_history"]["accuracy"][-1] >= 0.9
     assert evaluate(config, split="test", echo=lambda *a: None)["balanced_accuracy"] >= 0.9
+
+
+def test_the_training_pipeline_keeps_each_patch_with_its_label_and_resumes_where_it_left_off():
+    # patch i is one flat grey level (unchanged by flips and rotations), its label i
+    images = [np.full((50, 50, 3), 10 * i, np.uint8) for i in range(10)]
+    labels = np.arange(10)
+    batches = list(augment.image_batches(images, labels, 4, 75, seed=3, epochs=2))
+    assert [len(y) for _, y in batches] == [4, 4, 2, 4, 4, 2]
+    for x, y in batches:
+        grey = np.rint((x.numpy()[:, 37, 37, 0] + 1) * 127.5).astype(int)
+        assert grey.tolist() == (10 * y.numpy()).tolist()
+    epochs = [np.concatenate([y.numpy() for _, y in batches[:3]]), np.concatenate([y.numpy() for _, y in batches[3:]])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and epochs[0].tolist() != epochs[1].tolist()
+    # the same seed gives the same batches; starting at epoch 1 gives epoch 1's batches
+    resumed = list(augment.image_batches(images, labels, 4, 75, seed=3, epochs=1, first_epoch=1))
+    assert np.concatenate([y.numpy() for _, y in resumed]).tolist() == epochs[1].tolist()
+    # re-stained, the batches keep their shape, range and labels
+    stained = list(augment.image_batches(images, labels, 4, 75, seed=3, strength=STRENGTH))
+    assert np.concatenate([y.numpy() for _, y in stained]).tolist() == epochs[0].tolist()
+    assert all(x.shape[1:] == (75, 75, 3) and -1 <= x.numpy().min() and x.numpy().max() <= 1 for x, _ in stained)
+    # validation: in order, unchanged
+    plain = list(augment.image_batches(images, labels, 4, 75, seed=3, augment=False))
+    assert np.concatenate([y.numpy() for _, y in plain]).tolist() == list(range(10))
