@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from idc.core import cli
@@ -63,8 +64,12 @@ def main() -> int:
     config = with_overrides(config, "ClassifierSettings", flags, **reused, **given)
     for key, value in reused.items():
         log.info("using %s %s from the previous run (%s)", flags[key], value, remembered)
-    remembered.parent.mkdir(parents=True, exist_ok=True)
-    remembered.write_text(json.dumps({**reused, **given}, indent=2) + "\n")
+    options = {**reused, **given}
+    if options != previous:  # every worker of a cluster job runs this: write only a change, atomically
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        partial = remembered.with_name(f"{remembered.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(options, indent=2) + "\n")
+        partial.replace(remembered)
 
     if args.step in ("sort", "all"):
         sort(config)

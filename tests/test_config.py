@@ -79,3 +79,10 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
     assert config.resolve("/abs/x") .as_posix() == "/abs/x"
     changed = with_overrides(config, "ClassifierSettings", image_size=99)
     assert changed.classifier.image_size == 99 and config.classifier.image_size != 99
+
+
+def test_patients_file_splits_must_map_to_known_splits(tmp_path):
+    from tests.synthetic import write_config
+
+    with pytest.raises(ConfigError, match="patients_file_splits"):
+        load_config(write_config(tmp_path, patients_file_splits={"val": "testing"}))

@@ -1,4 +1,6 @@
 import csv
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,60 @@ def test_decode_rejects_non_images(tmp_path):
     Image.new("RGB", (300, 10)).save(big, format="PNG")
     with pytest.raises(ImageError, match="limit is 100 px"):
         decode_image(big.getvalue(), max_side=100)
+
+
+def _refusing_links(code: int):
+    """os.link as on a file system that refuses it (EXDEV: another file system; EPERM: not permitted)."""
+    def link(source, target, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return link
+
+
+def _sort_small(tmp_path):
+    return data.sort_dataset(tmp_path / "raw", ModelDir(tmp_path / "model", "m"), validation_fraction=0.25,
+                             test_fraction=0.25, seed=0)
+
+
+def test_sort_hard_links_on_one_file_system_and_sorts_again(tmp_path):
+    make_dataset(tmp_path / "raw", patients=4, per_class=3)
+    for attempt in ("first", "again"):  # a re-sort replaces the links: still one extra name per dataset file
+        report = _sort_small(tmp_path)
+        rows = list(csv.DictReader((tmp_path / "model" / "manifest.csv").open()))
+        assert len(rows) == 4 * 6 and report.linked == 4 * 6 and report.copied == 0, attempt
+        for row in rows:
+            sorted_file, source = os.stat(tmp_path / "model" / row["file"]), os.stat(row["source"])
+            assert (sorted_file.st_ino, sorted_file.st_dev) == (source.st_ino, source.st_dev)
+            assert sorted_file.st_nlink == 2, attempt
+        assert "sorted files: 24 hard links to the dataset's files, 0 copies" in report.table().splitlines()
+    # the published examples are copies: serving or editing them never touches the dataset
+    assert os.stat(tmp_path / "model" / "test" / "positive.png").st_nlink == 1
+
+
+def test_sort_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
+    make_dataset(tmp_path / "raw", patients=4, per_class=3)
+    monkeypatch.setattr(os, "link", _refusing_links(errno.EXDEV))  # the model directory on another file system
+    for attempt in ("first", "again"):
+        report = _sort_small(tmp_path)
+        assert report.linked == 0 and report.copied == 4 * 6, attempt
+        for patch in ModelDir(tmp_path / "model", "m").read_manifest():
+            assert patch.path.stat().st_nlink == 1
+        source = next((tmp_path / "raw").rglob("*.png"))
+        assert source.stat().st_nlink == 1
+    assert ("sorted files: 0 hard links to the dataset's files, 24 copies "
+            f"(hard link refused: {os.strerror(errno.EXDEV)})") in report.table()
+
+
+@pytest.mark.parametrize("refuse_links", [False, True])
+def test_placing_a_patch_replaces_an_existing_file_and_never_writes_through_it(tmp_path, monkeypatch,
+                                                                               refuse_links):
+    """A sorted file may be a hard link to a dataset file: placing another patch at its name must replace
+    the name, not write into the shared bytes."""
+    (tmp_path / "a.png").write_bytes(b"patch a")
+    (tmp_path / "b.png").write_bytes(b"patch b")
+    target = tmp_path / "sorted.png"
+    os.link(tmp_path / "b.png", target)
+    if refuse_links:
+        monkeypatch.setattr(os, "link", _refusing_links(errno.EPERM))
+    refused = data._link_or_copy(tmp_path / "a.png", target)
+    assert (refused is None) != refuse_links
+    assert target.read_bytes() == b"patch a" and (tmp_path / "b.png").read_bytes() == b"patch b"

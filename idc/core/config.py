@@ -92,13 +92,13 @@ class ClassifierSettings:
         _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
                  and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
                  'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
+        bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
+        _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 
     @property
     def tta_views(self) -> tuple[str, ...]:
         """The views test-time augmentation averages over: the flips/rotations trained on."""
         return tuple(v for v in self.train_views if not v.startswith("stain"))
-        bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
-        _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 
 
 @dataclasses.dataclass(frozen=True)

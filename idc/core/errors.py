@@ -55,6 +55,16 @@ class ReviewExportError(IDCError):
     """A review export CSV (extra labelled training data) is missing, malformed or has bad rows."""
 
 
+class ClusterError(IDCError):
+    """The cluster cannot be described: a bad TF_CONFIG, or a scheduler variable (Slurm, PBS) that is
+    missing or malformed; the message names the variable."""
+
+
+class ClusterWaitError(ClusterError):
+    """A worker waited in vain for the others: their share of the bottleneck cache stopped arriving (a worker
+    died, never started, or does not see the same cache folder)."""
+
+
 class ApiError(Exception):
     """An HTTP API error, answered as `{"Response": "FAILED", "ResponseMessage": message}` with `status`."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import random
 import shutil
 from collections import Counter
@@ -50,7 +51,8 @@ def scan_dataset(root: str | Path, report: SortReport | None = None) -> list[Pat
         raise DatasetError(f"dataset folder {root} does not exist. {DATASET_HELP}")
     report = report if report is not None else SortReport()
     patches = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    found = tqdm(root.rglob("*"), desc="scanning", unit=" entries", leave=False)  # slow on a network file system
+    for path in sorted(p for p in found if p.is_file()):
         patch = parse_patch_name(path)
         folder = path.parent
         # Kaggle layout: <patient>/<class>/file; a folder named 0 or 1 is a class folder anywhere.
@@ -150,6 +152,9 @@ class SortReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     reasons: Counter = field(default_factory=Counter)  # category (NOT_A_PATCH, ...) -> files skipped
     small: int = 0  # kept patches under PATCH_SIDE px on a side: edge patches, normal, padded white
+    linked: int = 0  # sorted patches hard-linked to the dataset's file: no bytes copied, no space used
+    copied: int = 0  # sorted patches copied: another file system, or links not permitted there
+    link_refused: str | None = None  # why the first copy could not be a link (e.g. "Invalid cross-device link")
     manifest: Path | None = None
 
     def skip(self, path: str | Path, category: str, why: str | None = None) -> None:
@@ -162,6 +167,8 @@ class SortReport:
             c = self.counts.get(split, Counter())
             lines.append(f"{split:<11}{self.patients.get(split, 0):>9}{c[0]:>9}{c[1]:>9}{c[0] + c[1]:>8}")
         lines.append(f"patches under {PATCH_SIDE} px on a side (edge patches, kept): {self.small}")
+        lines.append(f"sorted files: {self.linked} hard links to the dataset's files, {self.copied} copies"
+                     + (f" (hard link refused: {self.link_refused})" if self.link_refused else ""))
         why = ", ".join(f"{self.reasons[r]} {r}" for r in REASONS if self.reasons[r])
         lines.append(f"skipped: {len(self.skipped)}" + (f" ({why})" if why else ""))
         lines += [f"  {name}: {why}" for name, why in self.skipped[:20]]
@@ -173,9 +180,11 @@ class SortReport:
 def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fraction: float,
                  test_fraction: float, seed: int, samples_per_class: int | str = "all",
                  patients_file: dict[str, str] | None = None) -> SortReport:
-    """Copy the dataset into the model directory's {train,validation,test}/{0,1}, write manifest.csv and the
-    example images test/positive.png and test/negative.png. Every file not sorted (not a patch, in the wrong
-    class folder, far too large, corrupt) is counted in the report and listed in skipped.csv with the reason."""
+    """Place the dataset's patches in the model directory's {train,validation,test}/{0,1}, write manifest.csv
+    and the example images test/positive.png and test/negative.png. Every file not sorted (not a patch, in the
+    wrong class folder, far too large, corrupt) is counted in the report and listed in skipped.csv with the
+    reason. Patches are hard-linked where the file system allows (no bytes copied, no extra space), else
+    copied; the report counts each. One image is read at a time: memory grows with the number of paths only."""
     report = SortReport()
     groups = assign_splits(scan_dataset(dataset_dir, report), validation_fraction=validation_fraction,
                            test_fraction=test_fraction, seed=seed, patients_file=patients_file)
@@ -200,7 +209,12 @@ def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fractio
                 report.small += min(height, width) < PATCH_SIDE
                 target = model.split_dir(split) / str(patch.label) / patch.path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(patch.path, target)
+                refused = _link_or_copy(patch.path, target)
+                if refused is None:
+                    report.linked += 1
+                else:
+                    report.copied += 1
+                    report.link_refused = report.link_refused or refused
                 rows.append((split, str(target.relative_to(model.root)), str(patch.path), patch.patient,
                              patch.x, patch.y, patch.label))
     for split in SPLITS:
@@ -218,6 +232,23 @@ def sort_dataset(dataset_dir: str | Path, model: ModelDir, *, validation_fractio
         csv.writer(f, lineterminator="\n").writerows([("file", "why"), *report.skipped])
     _write_examples(rows, model, seed)
     return report
+
+
+def _link_or_copy(source: Path, target: Path) -> str | None:
+    """Hard-link `source` at `target` (None), or copy it where the link is refused (the reason).
+
+    A link shares the dataset file's bytes, so nothing may write through a sorted file: an existing target
+    (a second patch of the same name, or what a failed clean-up left) is replaced, never overwritten."""
+    try:
+        os.link(source, target)
+        return None
+    except FileExistsError:
+        target.unlink()
+        return _link_or_copy(source, target)
+    except OSError as err:  # EXDEV: another file system; EPERM: e.g. another user's file; or no hard links at all
+        target.unlink(missing_ok=True)  # some systems check the file system before the name
+        shutil.copyfile(source, target)
+        return err.strerror or str(err)
 
 
 def _too_large(path: Path, err: ImageTooLargeError) -> str:
