@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = ("training.py", "inference.py", "server_load.py")
+SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py")
 
 
 def run_script(name, *args):
@@ -64,6 +64,7 @@ def test_benchmark_help_is_complete(name):
     ("inference.py", ["--batch", 0], "--batch"),
     ("inference.py", ["--batches", 0], "--batches"),
     ("server_load.py", ["--max-seconds", 0], "--max-seconds"),
+    ("ablation.py", ["--variants", "everything"], "--variants"),
 ])
 def test_benchmark_rejects_bad_options_before_running(tmp_path, name, args, option):
     # A config that does not exist: were the option accepted, the script would fail on that instead.

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+r"""Ablation: what each element of training adds, on the validation and the test patients, and what
+it costs in training time and memory.
+
+Each variant is confs.json with a few ClassifierSettings changed. It trains (`trainer.py train`) in
+its own model folder, as a child process (so the time and peak memory are its own), on the split
+already sorted in --model-dir, sharing that folder's bottleneck cache (a view computed once serves
+every variant: the training times are with a warm cache unless a variant adds views), then is
+evaluated on the validation and the test patients (`evaluate.py`). Choose between variants on the
+VALIDATION figures; the test figures are reported, not used to choose.
+
+  python trainer.py sort ...    # once: the split every variant shares
+  python benchmarks/ablation.py --variants head views tta stain fine_tune fine_tune_stain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
+# name -> (what it adds, ClassifierSettings changes); each builds on the one before it
+VARIANTS = {
+    "head": ("new softmax layer on frozen mixed0+mixed1 features, one view",
+             {"train_views": ["identity"], "test_time_augmentation": False, "fine_tune_blocks": 0}),
+    "views": ("+ flipped and rotated copies in training",
+              {"train_views": DIHEDRAL, "test_time_augmentation": False, "fine_tune_blocks": 0}),
+    "tta": ("+ test-time averaging over the 4 views (the default before fine-tuning)",
+            {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0}),
+    "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
+              {"train_views": [*DIHEDRAL, "stain1", "stain2"], "test_time_augmentation": True, "fine_tune_blocks": 0}),
+    "fine_tune": ("tta + fine-tuning mixed0 and mixed1 end to end (flips, rotations)",
+                  {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 2}),
+    "fine_tune_stain": ("tta + fine-tuning with flips, rotations and stain jitter",
+                        {"train_views": [*DIHEDRAL, "stain1"], "test_time_augmentation": True,
+                         "fine_tune_blocks": 2}),
+}
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a child process (output to `log`); its wall time and peak resident memory (GiB)."""
+    started = time.perf_counter()
+    with log.open("a") as output:
+        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss / 2**20
+
+
+def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict) -> dict:
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for shared in ("train", "validation", "test", "manifest.csv", "bottlenecks"):
+        if not (folder / shared).exists() and (source / shared).exists():
+            (folder / shared).symlink_to(source / shared)
+    settings = {**config["ClassifierSettings"], **changes, "model_dir": str(folder)}
+    options = source / "trainer_options.json"  # the data and weights the split was sorted with
+    if options.exists():
+        settings.update(json.loads(options.read_text()))
+    conf = folder / "confs.json"
+    conf.write_text(json.dumps({**config, "ClassifierSettings": settings}, indent=2))
+    log = folder / "ablation.log"
+    seconds, peak = run([sys.executable, str(ROOT / "trainer.py"), "train", "--config", str(conf)], log)
+    record = json.loads((folder / "training.json").read_text())
+    row = {"variant": name, "train_seconds": round(seconds), "peak_rss_gib": round(peak, 2),
+           "bottlenecks_computed": record["bottleneck_cache"]["train"]["computed"]}
+    for split in ("validation", "test"):
+        run([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
+        metrics = json.loads((folder / "reports" / split / "metrics.json").read_text())
+        context = metrics.get("slide_context") or {}
+        row[split] = {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
+                      "roc_auc": metrics["roc_auc"], "ci": metrics["intervals_95"]["balanced_accuracy"],
+                      "context_balanced_accuracy": context.get("balanced_accuracy"),
+                      "context_f1_idc": context.get("f1_idc")}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "confs.json"), help="confs.json to start from (default: %(default)s)")
+    p.add_argument("--model-dir", help="the sorted model folder whose split and cache every variant shares "
+                                       "(default: model_dir of the config)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which variants to run, in order (default: all)")
+    p.add_argument("--work-dir", help="keep each variant's model folder here (default: a temp folder)")
+    args = p.parse_args()
+    config = json.loads(Path(args.config).read_text())
+    source = Path(args.model_dir or config["ClassifierSettings"]["model_dir"])
+    source = (source if source.is_absolute() else Path(args.config).resolve().parent / source).resolve()
+    if not (source / "manifest.csv").exists():
+        p.error(f"{source} has no manifest.csv: sort first (python trainer.py sort ...)")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="idc-ablation-")).resolve()
+    print(f"machine: {os.cpu_count()} cores; split and cache from {source}; model folders under {work}")
+    rows = []
+    for name in args.variants:
+        rows.append(run_variant(name, VARIANTS[name][1], source, work, config))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'variant':<16} {'val bal.acc':>11} {'+context':>8} {'test bal.acc':>12} {'+context':>8} "
+          f"{'test F1':>7} {'train s':>7} {'peak GiB':>8}  what it adds")
+    for r in rows:
+        v, t = r["validation"], r["test"]
+        print(f"{r['variant']:<16} {v['balanced_accuracy']:>11.4f} {v['context_balanced_accuracy'] or float('nan'):>8.4f} "
+              f"{t['balanced_accuracy']:>12.4f} {t['context_balanced_accuracy'] or float('nan'):>8.4f} "
+              f"{t['f1_idc']:>7.4f} {r['train_seconds']:>7} {r['peak_rss_gib']:>8.2f}  {VARIANTS[r['variant']][0]}")
+
+
+if __name__ == "__main__":
+    main()
