@@ -61,6 +61,8 @@ def slide_panels(rows: list[dict], cell: int = CELL, load=None) -> tuple[np.ndar
 
 
 def side_by_side(panels: list[np.ndarray], gap: int = GAP) -> np.ndarray:
+    """The panels left to right, each framed in light grey (the slide's background is white too)."""
+    panels = [np.pad(p, ((1, 1), (1, 1), (0, 0)), constant_values=200) for p in panels]
     height = max(p.shape[0] for p in panels)
     parts = []
     for panel in panels:
