@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py")
+SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py", "cluster.py")
 
 
 def run_script(name, *args):
@@ -65,6 +65,9 @@ def test_benchmark_help_is_complete(name):
     ("inference.py", ["--batches", 0], "--batches"),
     ("server_load.py", ["--max-seconds", 0], "--max-seconds"),
     ("ablation.py", ["--variants", "everything"], "--variants"),
+    ("cluster.py", ["--images", 0], "--images"),
+    ("cluster.py", ["--workers", 0], "--workers"),
+    ("cluster.py", ["--views", 5], "--views"),
 ])
 def test_benchmark_rejects_bad_options_before_running(tmp_path, name, args, option):
     # A config that does not exist: were the option accepted, the script would fail on that instead.

@@ -119,6 +119,11 @@ class ModelDir:
     def checkpoint(self, phase: str) -> Path:
         return self.root / "checkpoints" / f"{phase}.keras"
 
+    def backup(self, phase: str) -> Path:
+        """The training state of a phase in progress (weights, optimizer, epoch), so that a killed job resumes
+        from its last finished epoch; written by the chief, read by every worker, deleted when the phase ends."""
+        return self.root / "backups" / phase
+
     @property
     def bottlenecks(self) -> Path:
         return self.root / "bottlenecks"

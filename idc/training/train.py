@@ -3,11 +3,15 @@
 Outputs in model_dir (paths from idc.core.bundle.ModelDir): <model_name>.keras (trunk + head,
 image in -> [P(no IDC), P(IDC)]), model.json (the bundle: what every consumer needs to use the
 model), classes.txt, training.json (what was trained on what), logs/ (TensorBoard),
-history_<phase>.csv, checkpoints/.
+history_<phase>.csv, checkpoints/, backups/ (while a phase runs: what a killed job resumes from).
+
+On a cluster every worker runs `train` (idc.training.distributed): each computes its share of the
+bottleneck cache, all train data-parallel, and the chief alone writes the outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -17,7 +21,7 @@ from collections import Counter
 import keras
 import numpy as np
 
-from idc.training import augment, bottleneck, calibration, data
+from idc.training import augment, bottleneck, calibration, data, distributed
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
@@ -34,63 +38,45 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {label: len(labels) / (2.0 * count) for label, count in enumerate(counts)}
 
 
-def _callbacks(config: Config, phase: str, monitor_val: bool):
-    model = config.model
-    patience = config.classifier.early_stopping_patience
-    model.checkpoint(phase).parent.mkdir(parents=True, exist_ok=True)
-    callbacks = [
-        keras.callbacks.TensorBoard(log_dir=str(model.log_dir(phase))),
-        keras.callbacks.CSVLogger(str(model.history(phase))),
-        keras.callbacks.ModelCheckpoint(str(model.checkpoint(phase)),
-                                        monitor="val_loss" if monitor_val else "loss", save_best_only=True),
-    ]
-    if monitor_val:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                                       restore_best_weights=True, verbose=1))
-    return callbacks
+def _run_id(config: Config, phase: str, *shape) -> str:
+    """What a training phase's backup belongs to (settings, data, features): a backup of another run is not
+    resumed. Folders are left out (each worker may see the shared one at another path): the data's
+    fingerprint stands for them."""
+    settings = {k: v for k, v in vars(config.classifier).items() if k not in ("dataset_dir", "model_dir", "patients_file")}
+    text = json.dumps([phase, settings, config.model.fingerprint(), *shape], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
-def train_head(config: Config, train_x, train_y, val_x=None, val_y=None):
-    """Fit the new softmax layer (with feature standardisation) on bottleneck features."""
+def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.ndarray,
+               val_x: bottleneck.CachedFeatures | None = None, val_y: np.ndarray | None = None):
+    """Fit the new softmax layer (with feature standardisation) on bottleneck features streamed from the
+    cache, under this process's strategy. Returns (head, history of the epochs run, epoch started from)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
-    head = build_head(train_x.shape[1], train_x, settings.l2_regularization)
-    head.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    validation = (val_x, val_y) if val_x is not None and len(val_x) else None
-    history = head.fit(
-        train_x, train_y, validation_data=validation, epochs=settings.epochs,
-        batch_size=settings.head_batch_size, shuffle=True, verbose=2,
-        class_weight=class_weights(train_y) if settings.class_weighting else None,
-        callbacks=_callbacks(config, "head", validation is not None),
-    )
-    return head, history.history
+    # The standardisation is adapted on the training features a chunk at a time: they need not fit in memory.
+    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization)
+    validation = distributed.Examples(val_y, lambda rows, epoch: val_x.read(rows)) \
+        if val_x is not None and len(val_x) else None
+    history, first_epoch = distributed.fit(
+        head, distributed.Examples(train_y, lambda rows, epoch: train_x.read(rows)), validation,
+        optimizer=lambda: keras.optimizers.Adam(settings.learning_rate), epochs=settings.epochs,
+        batch_size=settings.head_batch_size, class_weight=class_weights(train_y) if settings.class_weighting else None,
+        seed=settings.random_seed, patience=settings.early_stopping_patience, model_dir=config.model, phase="head",
+        run_id=_run_id(config, "head", len(train_y), train_x.dim))
+    return head, history, first_epoch
 
 
-class AugmentedImages(keras.utils.PyDataset):
-    """Batches of preprocessed images, with random flips and 90-degree rotations (fine-tuning)."""
-
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray, batch_size: int, image_size: int,
-                 seed: int, augment: bool):
-        super().__init__()
-        self.images, self.labels, self.augment = images, labels, augment
-        self.batch_size, self.image_size = batch_size, image_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(images)) if augment else np.arange(len(images))
-
-    def __len__(self) -> int:
-        return int(np.ceil(len(self.images) / self.batch_size))
-
-    def __getitem__(self, index: int):
-        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        batch = [self.images[i] for i in rows]
-        if self.augment:
-            batch = [np.rot90(im[:, ::-1] if self.rng.random() < 0.5 else im, self.rng.integers(4)) for im in batch]
-        return preprocess(batch, self.image_size), self.labels[rows]
-
-    def on_epoch_end(self) -> None:
-        if self.augment:
-            self.rng.shuffle(self.order)
+def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool):
+    """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
+    `augmented`, each patch in a random flip and 90-degree rotation drawn from (seed, epoch, patch): the
+    same batches on one machine or on many, and after a resume."""
+    def read(rows: np.ndarray, epoch: int) -> np.ndarray:
+        images = [decode_image(patches[i].path) for i in rows]
+        if augmented:
+            images = [augment.random_dihedral(image, np.random.default_rng([seed, epoch, int(i)]))
+                      for image, i in zip(images, rows)]
+        return preprocess(images, image_size)
+    return read
 
 
 def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], validation: list[data.Patch]):
@@ -110,26 +96,27 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
         layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
         if layer.name == first:
             trainable = True
-    labels = lambda ps: np.array([p.label for p in ps])  # noqa: E731
-    load = lambda ps: [decode_image(p.path) for p in ps]  # noqa: E731
-    train_data = AugmentedImages(load(train), labels(train), settings.batch_size, settings.image_size,
-                                 settings.random_seed, augment=True)
-    val_data = AugmentedImages(load(validation), labels(validation), settings.batch_size,
-                               settings.image_size, settings.random_seed, augment=False)
-    classifier.compile(optimizer=keras.optimizers.Adam(settings.fine_tune_learning_rate),
-                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = classifier.fit(
-        train_data, validation_data=val_data if validation else None, epochs=settings.fine_tune_epochs,
-        class_weight=class_weights(labels(train)) if settings.class_weighting else None,
-        callbacks=_callbacks(config, "fine_tune", bool(validation)), verbose=2)
+    labels = lambda ps: np.array([p.label for p in ps], dtype=np.int64)  # noqa: E731
+    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed, True))
+    val_data = distributed.Examples(labels(validation), image_reader(
+        validation, settings.image_size, settings.random_seed, False)) if validation else None
+    history, _ = distributed.fit(
+        classifier, train_data, val_data, optimizer=lambda: keras.optimizers.Adam(settings.fine_tune_learning_rate),
+        epochs=settings.fine_tune_epochs, batch_size=settings.batch_size,
+        class_weight=class_weights(labels(train)) if settings.class_weighting else None, seed=settings.random_seed,
+        patience=settings.early_stopping_patience, model_dir=config.model, phase="fine_tune",
+        run_id=_run_id(config, "fine_tune", len(train)))
     trunk.trainable = False
-    return history.history
+    return history
 
 
 def train(config: Config, trunk=None) -> dict:
     """The whole `trainer.py train` step; returns the training record (also in training.json).
 
-    `trunk` replaces the configured Inception V3 (tests pass a tiny stand-in)."""
+    `trunk` replaces the configured Inception V3 (tests pass a tiny stand-in); on a cluster, make it after
+    `distributed.strategy()`. Every worker of a cluster runs this; the chief alone writes the outputs."""
+    chosen = distributed.strategy()  # first: a cluster's strategy must exist before TensorFlow runs anything
+    me = distributed.worker()
     settings = config.classifier
     model = config.model
     started = time.time()
@@ -140,30 +127,42 @@ def train(config: Config, trunk=None) -> dict:
     weights_id = describe_weights(settings.weights) if trunk is None else f"custom:{trunk.name}"
     if trunk is None:
         trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layers, settings.pooling)
-    features, labels, cache_stats = {}, {}, {}
+    # Training sees every view of each patch (augmentation); validation the patch as it is.
+    views = {"train": settings.train_views, "validation": ["identity"]}
+    digests, caches = {}, {}
     for split, patches in splits.items():
-        # Training sees every view of each patch (augmentation); validation the patch as it is.
-        views = settings.train_views if split == "train" else ["identity"]
-        per_view, cache_stats[split] = [], {"hits": 0, "computed": 0}
-        for view in views:
+        paths = [p.path for p in patches]
+        digests[split] = [bottleneck.file_digest(path) for path in paths]
+        for view in views[split]:
             described = augment.describe_view(view, settings.stain_jitter, settings.random_seed)
             key = bottleneck.trunk_key(weights_id, settings.feature_layers, settings.pooling,
                                        settings.image_size, described)
             cache = bottleneck.BottleneckCache(model.bottlenecks, key, view=view, stain_jitter=settings.stain_jitter,
-                                               seed=settings.random_seed, description={
+                                               seed=settings.random_seed, worker=me.rank, workers=me.workers,
+                                               description={
                 "weights": weights_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
                 "image_size": settings.image_size, "view": described})
-            if patches:
-                per_view.append(cache.features([p.path for p in patches], trunk, settings.batch_size,
-                                               settings.image_size))
+            # Each worker computes its share of every view first, then waits for the others' shares (below).
+            cache.compute(paths, trunk, settings.batch_size, settings.image_size, digests[split])
+            caches[split, view] = cache
+    features, labels, cache_stats = {}, {}, {}
+    for split, patches in splits.items():
+        cache_stats[split] = {"hits": 0, "computed": 0, **({"computed_by_other_workers": 0} if me.workers > 1 else {})}
+        parts = []
+        for view in views[split]:
+            cache = caches[split, view]
+            cache.wait_for(digests[split])
+            parts.append(cache.lookup(digests[split]))  # streamed from the cache, never all in memory
             cache_stats[split]["hits"] += cache.hits
             cache_stats[split]["computed"] += cache.misses
-        features[split] = np.concatenate(per_view) if per_view else np.zeros((0, 1), np.float32)
-        labels[split] = np.tile(np.array([p.label for p in patches], dtype=np.int64), len(views))
+            if me.workers > 1:
+                cache_stats[split]["computed_by_other_workers"] += cache.from_other_workers
+        features[split] = bottleneck.CachedFeatures.concat(parts)
+        labels[split] = np.tile(np.array([p.label for p in patches], dtype=np.int64), len(views[split]))
     bottleneck_seconds = time.time() - started
 
-    head, history = train_head(config, features["train"], labels["train"],
-                               features["validation"], labels["validation"])
+    head, history, first_epoch = train_head(config, features["train"], labels["train"],
+                                            features["validation"], labels["validation"])
     classifier = build_classifier(trunk, head)
     fine_tune_history = None
     if settings.fine_tune_blocks > 0:
@@ -171,20 +170,21 @@ def train(config: Config, trunk=None) -> dict:
     if settings.test_time_augmentation:
         classifier = build_classifier(trunk, head, settings.tta_views)
 
-    model.root.mkdir(parents=True, exist_ok=True)
-    classifier.save(model.keras_model)
-    model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
     rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
                                "slide_context": None, "threshold_source": "confs.json"}, None
-    if settings.decision_rule_from_validation and splits["validation"]:
-        rule, validation_report = choose_decision_rule(classifier, splits["validation"], settings.image_size,
-                                                       settings.batch_size, settings.review_share)
-    bundle = Bundle.new(
-        model_name=settings.model_name, image_size=settings.image_size, feature_layers=list(settings.feature_layers),
-        pooling=settings.pooling, train_views=list(settings.train_views),
-        test_time_augmentation=settings.test_time_augmentation, weights=weights_id,
-        data_fingerprint=model.fingerprint(), **rule)
-    bundle.save(model.root)
+    if me.chief:
+        model.root.mkdir(parents=True, exist_ok=True)
+        classifier.save(model.keras_model)
+        model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
+        if settings.decision_rule_from_validation and splits["validation"]:
+            rule, validation_report = choose_decision_rule(classifier, splits["validation"], settings.image_size,
+                                                           settings.batch_size, settings.review_share)
+        bundle = Bundle.new(
+            model_name=settings.model_name, image_size=settings.image_size,
+            feature_layers=list(settings.feature_layers), pooling=settings.pooling,
+            train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
+            weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
+        bundle.save(model.root)
     record = {
         "model": str(model.keras_model),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -193,16 +193,21 @@ def train(config: Config, trunk=None) -> dict:
         "settings": vars(settings),
         "trunk": {"weights": weights_id, "feature_dim": int(features["train"].shape[1])},
         "bottleneck_cache": cache_stats,
+        "cluster": {"strategy": type(chosen).__name__, "workers": me.workers, "worker": me.rank,
+                    "replicas": chosen.num_replicas_in_sync},
         "data": {split: {"patients": len({p.patient for p in ps}),
                          "patches": dict(sorted(Counter(str(p.label) for p in ps).items()))}
                  for split, ps in splits.items()},
-        "decision_rule": {**rule, "validation": validation_report},
-        "epochs_run": len(history["loss"]),
-        "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},
+        "decision_rule": {**rule, "validation": validation_report} if me.chief else None,
+        "resumed_from_epoch": first_epoch,  # 0, or the epoch a killed job's backup resumed the head at
+        "epochs_run": first_epoch + len(history["loss"]),
+        "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},  # the epochs run here
         "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
                                                     for k, vs in fine_tune_history.items()},
         "versions": _versions(),
     }
+    if not me.chief:
+        return record
     model.training_record.write_text(json.dumps(record, indent=2))
     return record
 

@@ -1,0 +1,208 @@
+"""Training on a cluster, for real: two workers as two processes on 127.0.0.1 (each with its own
+TF_CONFIG, at free ports: MultiWorkerMirroredStrategy on CPU, no mocks), on a synthetic dataset with
+the tiny stand-in trunk (tests/cluster_worker.py runs one worker as trainer.py would)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from idc.core.config import load_config
+from idc.core.errors import ClusterError
+from idc.core.keras_model import load_keras_model
+from idc.training import bottleneck, data, distributed
+from idc.training.train import train
+from tests.conftest import ROOT
+from tests.synthetic import make_dataset, tiny_trunk, write_config
+
+WORKER = ROOT / "tests" / "cluster_worker.py"
+RUN_SECONDS = 240  # a whole two-worker training (start-up, bottlenecks, head, fine-tuning) takes ~25 s here
+# The cluster adds each global batch's gradient in two halves: float sums in another order, nothing more
+# (measured: weights within 1e-7 of a single process's).
+TOLERANCE = 1e-5
+# What a cluster shares (a shared file system): the sorted data, the bottleneck cache, the backups.
+SHARED = ("manifest.csv", "train", "validation", "bottlenecks", "backups")
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cluster-data") / "raw", patients=6, per_class=6)
+
+
+def sorted_project(folder, raw, **settings):
+    """A model directory with the synthetic patches sorted (2 of 6 patients for validation)."""
+    folder.mkdir(parents=True)
+    config = load_config(write_config(folder, dataset_dir=str(raw), **settings))
+    data.sort_dataset(raw, config.model, validation_fraction=0.34, test_fraction=0.0, seed=0)
+    return config
+
+
+def two_worker_project(tmp, raw, **settings):
+    """(chief's config, other worker's config). The chief has the model directory; the other worker's
+    holds links to what a cluster shares and nothing else, so anything it wrote elsewhere shows."""
+    chief = sorted_project(tmp / "chief", raw, **settings)
+    for name in ("bottlenecks", "backups"):
+        (chief.model_dir / name).mkdir()
+    (tmp / "other").mkdir()
+    other = load_config(write_config(tmp / "other", dataset_dir=str(raw), **settings))
+    other.model_dir.mkdir()
+    for name in SHARED:
+        (other.model_dir / name).symlink_to(chief.model_dir / name)
+    return chief, other
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(configs) -> list[subprocess.Popen]:
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(len(configs))]
+    workers = []
+    for index, config in enumerate(configs):
+        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
+               "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(config.path)], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def finish(workers, timeout: float = RUN_SECONDS) -> list[dict]:
+    """Each worker's training record; fails with their output if one fails or they outlast `timeout`."""
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        for worker in workers:
+            worker.kill()
+        pytest.fail(f"the workers did not finish in {timeout} s:\n"
+                    + "\n".join(worker.communicate()[1][-3000:] for worker in workers))
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, f"worker failed ({worker.returncode}):\n{err[-5000:]}"
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def predictions(model_dir, name="DevCloudIDC"):
+    model = load_keras_model(model_dir / f"{name}.keras")
+    batch = np.random.default_rng(0).uniform(-1, 1, (8, 75, 75, 3)).astype(np.float32)
+    return np.asarray(model(batch)), model.get_weights()
+
+
+def test_two_workers_train_the_model_one_worker_trains(raw, tmp_path):
+    settings = dict(epochs=12, early_stopping_patience=12, fine_tune_blocks=1, fine_tune_epochs=1)
+    chief, other = two_worker_project(tmp_path / "cluster", raw, **settings)
+    records = finish(start_workers([chief, other]))
+
+    single = sorted_project(tmp_path / "single", raw, **settings)
+    alone = train(single, trunk=tiny_trunk())
+    # The same model, up to the order of float sums: head and fine-tuned trunk alike.
+    (p_cluster, w_cluster), (p_single, w_single) = predictions(chief.model_dir), predictions(single.model_dir)
+    np.testing.assert_allclose(p_cluster, p_single, atol=TOLERANCE)
+    for a, b in zip(w_cluster, w_single):
+        np.testing.assert_allclose(a, b, atol=TOLERANCE)
+    assert [r["cluster"]["workers"] for r in records] == [2, 2] and records[0]["cluster"]["replicas"] == 2
+    assert records[0]["head_history"]["loss"] == pytest.approx(alone["head_history"]["loss"], abs=1e-4)
+    assert records[0]["head_history"] == records[1]["head_history"]  # both took the same steps
+
+    # Only the chief wrote: the bundle, model, record, history, logs are in its folder; the other
+    # worker's folder holds its links and nothing else.
+    for name in ("model.json", "DevCloudIDC.keras", "training.json", "classes.txt", "history_head.csv",
+                 "history_fine_tune.csv", "logs", "checkpoints"):
+        assert (chief.model_dir / name).exists(), name
+    assert sorted(p.name for p in other.model_dir.iterdir()) == sorted(SHARED)
+    assert all((other.model_dir / name).is_symlink() for name in SHARED)
+    assert records[1]["decision_rule"] is None and records[0]["decision_rule"]["threshold"] == 0.54
+    assert not any(chief.model_dir.joinpath("backups").iterdir())  # finished phases leave no backup
+
+    # The cache holds each image once, for each view; each was computed by one worker, both did a share.
+    train_images, validation_images = 4 * 12, 2 * 12
+    per_view = {}
+    for folder in (chief.model_dir / "bottlenecks").iterdir():
+        digests = [d for shard in folder.glob("shard-*.npy") for d in bottleneck.read_shard(shard)[0]]
+        assert len(digests) == len(set(digests))
+        per_view[json.loads((folder / "trunk.json").read_text())["view"]] = len(digests)
+    assert per_view == {"identity": train_images + validation_images, "hflip": train_images,
+                        "vflip": train_images, "rot90": train_images}
+    computed = [r["bottleneck_cache"]["train"]["computed"] + r["bottleneck_cache"]["validation"]["computed"]
+                for r in records]
+    assert sum(computed) == sum(per_view.values()) and min(computed) > 0
+
+
+def test_a_killed_job_resumes_from_its_last_epoch(raw, tmp_path):
+    settings = dict(epochs=40, early_stopping_patience=40)
+    chief, other = two_worker_project(tmp_path / "cluster", raw, **settings)
+    metadata = chief.model.backup("head") / "training_metadata.json"
+    workers = start_workers([chief, other])
+    deadline = time.monotonic() + RUN_SECONDS
+    backed_up = 0
+    while backed_up < 3 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
+        try:
+            backed_up = json.loads(metadata.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):  # not there yet
+            pass
+        time.sleep(0.02)
+    for worker in workers:  # the job is killed, as a scheduler kills it: no clean-up of any kind
+        worker.send_signal(signal.SIGKILL)
+    errors = [worker.communicate()[1] for worker in workers]
+    assert backed_up >= 3, "the job ended before its third epoch was backed up:\n" + "\n".join(e[-3000:] for e in errors)
+
+    resumed = finish(start_workers([chief, other]))[0]
+    start = resumed["resumed_from_epoch"]
+    assert start >= 3, resumed  # from the backup, not from epoch 0
+    assert resumed["epochs_run"] == 40 and len(resumed["head_history"]["loss"]) == 40 - start
+    assert resumed["bottleneck_cache"]["train"]["computed"] == 0  # the killed job's cache is kept
+    with chief.model.history("head").open() as f:
+        epochs = [int(line.split(",")[0]) for line in f.readlines()[1:]]
+    assert epochs == list(range(40))  # every epoch once: the killed run's, then the resumed run's
+    assert not chief.model.backup("head").exists()
+
+    # The resumed model is the model an uninterrupted run trains: weights, optimizer state, epoch and
+    # early stopping's state all came back.
+    single = sorted_project(tmp_path / "single", raw, **settings)
+    train(single, trunk=tiny_trunk())
+    np.testing.assert_allclose(predictions(chief.model_dir)[0], predictions(single.model_dir)[0], atol=TOLERANCE)
+
+
+def test_worker_places_from_the_cluster_description():
+    def place(cluster, kind, index):
+        return distributed.worker({"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})})
+
+    workers = ["a:1", "b:1", "c:1"]
+    assert distributed.worker({}) == distributed.Worker(0, 1, True)
+    assert place({"worker": workers}, "worker", 0) == distributed.Worker(0, 3, True)
+    assert place({"worker": workers}, "worker", 2) == distributed.Worker(2, 3, False)
+    assert place({"chief": ["z:1"], "worker": workers}, "chief", 0) == distributed.Worker(0, 4, True)
+    assert place({"chief": ["z:1"], "worker": workers}, "worker", 0) == distributed.Worker(1, 4, False)
+    with pytest.raises(ClusterError, match="ps tasks"):
+        place({"worker": workers, "ps": ["p:1"]}, "worker", 0)
+
+
+def test_a_single_machine_trains_under_the_default_strategy():
+    import tensorflow as tf
+
+    assert distributed.strategy() is tf.distribute.get_strategy()
+
+
+def test_a_cluster_strategy_made_after_tensorflow_started_says_what_to_do():
+    script = ("import tensorflow as tf; tf.constant(1)\n"
+              "from idc.training import distributed\n"
+              "try:\n    distributed.strategy()\nexcept Exception as err:\n    print(type(err).__name__, err)\n")
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}, "task": {"type": "worker", "index": 0}}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": str(ROOT),
+                               "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert "ClusterError" in done.stdout and "distributed.strategy() first" in done.stdout, done.stdout + done.stderr
