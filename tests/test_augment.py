@@ -102,24 +102,45 @@ def test_training_with_stain_views_keeps_the_labels(tmp_path):
     assert evaluate(config, split="test", echo=lambda *a: None)["balanced_accuracy"] >= 0.9
 
 
-def test_the_training_pipeline_keeps_each_patch_with_its_label_and_resumes_where_it_left_off():
-    # patch i is one flat grey level (unchanged by flips and rotations), its label i
-    images = [np.full((50, 50, 3), 10 * i, np.uint8) for i in range(10)]
-    labels = np.arange(10)
-    batches = list(augment.image_batches(images, labels, 4, 75, seed=3, epochs=2))
-    assert [len(y) for _, y in batches] == [4, 4, 2, 4, 4, 2]
-    for x, y in batches:
-        grey = np.rint((x.numpy()[:, 37, 37, 0] + 1) * 127.5).astype(int)
-        assert grey.tolist() == (10 * y.numpy()).tolist()
-    epochs = [np.concatenate([y.numpy() for _, y in batches[:3]]), np.concatenate([y.numpy() for _, y in batches[3:]])]
-    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and epochs[0].tolist() != epochs[1].tolist()
-    # the same seed gives the same batches; starting at epoch 1 gives epoch 1's batches
-    resumed = list(augment.image_batches(images, labels, 4, 75, seed=3, epochs=1, first_epoch=1))
-    assert np.concatenate([y.numpy() for _, y in resumed]).tolist() == epochs[1].tolist()
-    # re-stained, the batches keep their shape, range and labels
-    stained = list(augment.image_batches(images, labels, 4, 75, seed=3, strength=STRENGTH))
-    assert np.concatenate([y.numpy() for _, y in stained]).tolist() == epochs[0].tolist()
-    assert all(x.shape[1:] == (75, 75, 3) and -1 <= x.numpy().min() and x.numpy().max() <= 1 for x, _ in stained)
-    # validation: in order, unchanged
-    plain = list(augment.image_batches(images, labels, 4, 75, seed=3, augment=False))
-    assert np.concatenate([y.numpy() for _, y in plain]).tolist() == list(range(10))
+
+def test_fine_tuning_reads_each_patch_seeded_by_epoch_and_restained(tmp_path):
+    from idc.core.bundle import Patch
+    from idc.training.train import image_reader
+
+    rng = np.random.default_rng(0)
+    patches = []
+    for i in range(4):
+        path = tmp_path / f"9_idx5_x{50 * i}_y0_class{i % 2}.png"
+        patch_image(i % 2, rng).save(path)
+        patches.append(Patch(path=path, patient="9", x=50 * i, y=0, label=i % 2))
+    plain = image_reader(patches, 75, seed=1, augmented=False)
+    flipped = image_reader(patches, 75, seed=1, augmented=True)
+    stained = image_reader(patches, 75, seed=1, augmented=True, stain_jitter=STRENGTH)
+    rows = np.array([2, 0])
+    assert plain(rows, 0).shape == flipped(rows, 0).shape == stained(rows, 0).shape == (2, 75, 75, 3)
+    assert np.array_equal(flipped(rows, 3), flipped(rows, 3))  # a resumed epoch reads the same batch
+    assert np.array_equal(stained(rows, 3), stained(rows, 3))
+    assert not np.array_equal(stained(rows, 3), stained(rows, 4))
+    # flips and rotations move pixels but keep the colours; re-staining changes them
+    assert np.allclose(np.sort(flipped(rows, 3).reshape(2, -1)), np.sort(plain(rows, 3).reshape(2, -1)), atol=0.01)
+    assert not np.allclose(np.sort(stained(rows, 3).reshape(2, -1)), np.sort(plain(rows, 3).reshape(2, -1)))
+
+
+def test_fine_tuning_trains_the_blocks_that_feed_the_head_but_never_the_stem():
+    import keras
+
+    from idc.training.train import unfreeze_blocks
+
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
+    cut = keras.Model(base.input, [base.get_layer("mixed0").output, base.get_layer("mixed1").output])
+    inputs = keras.Input((75, 75, 3))
+    trunk = keras.Model(inputs, [keras.layers.GlobalAveragePooling2D()(x) for x in cut(inputs)])
+    names = [layer.name for layer in cut.layers]
+    trainable = lambda: {l.name for l in cut.layers if l.trainable and l.weights}  # noqa: E731
+    unfreeze_blocks(trunk, 1)  # mixed1's block only
+    assert trainable() and all(names.index(n) > names.index("mixed0") for n in trainable())
+    unfreeze_blocks(trunk, 2)  # both blocks, from the stem's last pooling on
+    stem_end = max(i for i, l in enumerate(cut.layers[:names.index("mixed0")]) if isinstance(l, keras.layers.MaxPooling2D))
+    assert all(names.index(n) > stem_end for n in trainable())
+    assert any(names.index(n) < names.index("mixed0") for n in trainable())  # mixed0's own branches
+    assert not any(isinstance(l, keras.layers.BatchNormalization) and l.trainable for l in cut.layers)

@@ -83,37 +83,3 @@ def describe_view(view: str, strength: dict[str, float] | None, seed: int) -> st
     return f"{view}:" + ",".join(f"{k}={strength[k]:g}" for k in STAIN_KEYS) + f":seed={seed}"
 
 
-
-def image_batches(images: list[np.ndarray], labels: np.ndarray, batch_size: int, image_size: int, seed: int,
-                  strength: dict[str, float] | None = None, augment: bool = True, epochs: int = 1,
-                  first_epoch: int = 0):
-    """A tf.data pipeline of (image batch, labels) for end-to-end training, `epochs` epochs from
-    `first_epoch` (steps_per_epoch = ceil(N / batch_size)): each epoch shuffled, each patch in a random
-    flip/rotation and (with `strength`) re-stained; prefetched, so the next batch is prepared while
-    the model trains on this one. The draws depend only on (seed, epoch, step): a resumed run sees
-    the batches it would have seen. `augment=False` gives the patches as they are, in order."""
-    import tensorflow as tf
-
-    steps = (len(images) + batch_size - 1) // batch_size
-    orders = {}
-
-    def make_batch(index):
-        epoch, step = divmod(int(index), steps)
-        if augment and epoch not in orders:
-            orders.clear()
-            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(images))
-        rows = orders[epoch][step * batch_size:(step + 1) * batch_size] if augment else \
-            np.arange(step * batch_size, min((step + 1) * batch_size, len(images)))
-        batch = [images[i] for i in rows]
-        if augment:
-            rng = np.random.default_rng([seed, epoch, step])
-            batch = [random_dihedral(stain_jitter(im, rng, strength) if strength else im, rng) for im in batch]
-        return preprocess(batch, image_size), labels[rows].astype(np.int64)
-
-    def load(index):
-        x, y = tf.numpy_function(make_batch, [index], (tf.float32, tf.int64))
-        return tf.ensure_shape(x, (None, image_size, image_size, 3)), tf.ensure_shape(y, (None,))
-
-    indices = tf.data.Dataset.range(first_epoch * steps, (first_epoch + epochs) * steps)
-    # Batches are made in order (deterministic): two in flight keep both cores busy with the model.
-    return indices.map(load, num_parallel_calls=2, deterministic=True).prefetch(2)

@@ -35,6 +35,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -168,9 +169,8 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
         callbacks.on_epoch_begin(epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(train))  # the same on every worker
         sums = np.zeros(3)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            inputs = _distribute(chosen, train, rows, epoch, per_replica, weights, trained.input_shape[1:])
+        for rows, inputs in _batches(chosen, train, order, batch_size, epoch, per_replica):
+            inputs = _distribute(chosen, train, rows, epoch, per_replica, weights, trained.input_shape[1:], inputs)
             weighted_ce, weighted_correct, weight, regularization = train_step(
                 *inputs, tf.constant(len(rows), tf.float32)).numpy()
             # Keras's epoch loss: the mean of the batch losses (weighted sum / rows, plus L2) over the rows
@@ -270,18 +270,40 @@ def _steps(model, optimizer, chosen):
     return train_step, eval_step
 
 
+def _batches(chosen, examples: Examples, order: np.ndarray, batch_size: int, epoch: int, per_replica: int):
+    """(rows, {replica: its inputs}) of each global batch in `order`, this worker's replicas only; the
+    next batch is read (decoded, augmented) in a thread while the model trains on this one."""
+    local = [int(r) for r in chosen.experimental_local_results(
+        chosen.experimental_distribute_values_from_function(lambda context: context.replica_id_in_sync_group))]
+
+    def read(rows):
+        parts = {r: rows[r * per_replica:][:per_replica] for r in local}
+        return {r: examples.read(mine, epoch) for r, mine in parts.items() if len(mine)}
+
+    starts = range(0, len(order), batch_size)
+    with ThreadPoolExecutor(1) as prefetch:
+        pending = prefetch.submit(read, order[:batch_size])
+        for start in starts:
+            rows = order[start:start + batch_size]
+            inputs = pending.result()
+            if start + batch_size < len(order):
+                pending = prefetch.submit(read, order[start + batch_size:start + 2 * batch_size])
+            yield rows, inputs
+
+
 def _distribute(chosen, examples: Examples, rows: np.ndarray, epoch: int, per_replica: int, class_weights: np.ndarray,
-                input_shape: tuple) -> tuple:
+                input_shape: tuple, inputs: dict | None = None) -> tuple:
     """One global batch as per-replica (x, y, w): replica r takes rows[r * per_replica:][:per_replica],
     padded to per_replica rows of weight 0 (static shapes: one trace, and no replica is ever empty).
-    Each worker reads only its own replicas' rows."""
+    Each worker reads only its own replicas' rows (or takes them from `inputs`, read ahead)."""
     def for_replica(context):
-        mine = rows[context.replica_id_in_sync_group * per_replica:][:per_replica]
+        replica = context.replica_id_in_sync_group
+        mine = rows[replica * per_replica:][:per_replica]
         x = np.zeros((per_replica, *input_shape), np.float32)
         y = np.zeros(per_replica, np.int64)
         w = np.zeros(per_replica, np.float32)
         if len(mine):
-            x[:len(mine)] = examples.read(mine, epoch)
+            x[:len(mine)] = inputs[replica] if inputs is not None else examples.read(mine, epoch)
             y[:len(mine)] = examples.labels[mine]
             w[:len(mine)] = class_weights[examples.labels[mine]]
         return tf.constant(x), tf.constant(y), tf.constant(w)

@@ -66,38 +66,55 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
     return head, history, first_epoch
 
 
-def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool):
+def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool,
+                 stain_jitter: dict[str, float] | None = None):
     """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
-    `augmented`, each patch in a random flip and 90-degree rotation drawn from (seed, epoch, patch): the
-    same batches on one machine or on many, and after a resume."""
+    `augmented`, each patch in a random flip and 90-degree rotation, and re-stained with `stain_jitter`,
+    drawn from (seed, epoch, patch): the same batches on one machine or on many, and after a resume."""
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
-            images = [augment.random_dihedral(image, np.random.default_rng([seed, epoch, int(i)]))
-                      for image, i in zip(images, rows)]
+            rngs = [np.random.default_rng([seed, epoch, int(i)]) for i in rows]
+            images = [augment.random_dihedral(augment.stain_jitter(image, rng, stain_jitter) if stain_jitter
+                                              else image, rng) for image, rng in zip(images, rngs)]
         return preprocess(images, image_size)
     return read
 
 
-def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], validation: list[data.Patch]):
-    """Unfreeze the top `fine_tune_blocks` Inception blocks under the feature layer and train
-    the whole model end to end at a low learning rate, with augmentation."""
-    settings = config.classifier
+def unfreeze_blocks(trunk, blocks: int):
+    """Make the top `blocks` Inception blocks of the trunk trainable: with `blocks` >= their number, every
+    block that feeds the head, but never the stem (its early filters are generic, and training through it
+    costs three times as much). BatchNorm stays in inference mode: small batches, pretrained statistics.
+    Returns the inner model, or None for a trunk that is not a keras.applications model."""
     inner = next((layer for layer in trunk.layers if isinstance(layer, keras.Model)), None)
     if inner is None:
+        return None
+    names = [layer.name for layer in inner.layers]
+    mixed = [name for name in names if name.startswith("mixed") and "_" not in name]
+    if blocks < len(mixed):
+        start = names.index(mixed[-blocks - 1]) + 1
+    else:  # the stem ends with its last max pooling before the first block
+        pools = [i for i, layer in enumerate(inner.layers[:names.index(mixed[0])])
+                 if isinstance(layer, keras.layers.MaxPooling2D)]
+        start = pools[-1] + 1 if pools else 0
+    trunk.trainable = True
+    for index, layer in enumerate(inner.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return inner
+
+
+def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], validation: list[data.Patch]):
+    """Train the top `fine_tune_blocks` Inception blocks (all those feeding the head, at most) and the head
+    end to end at a low learning rate, on flipped and rotated patches, re-stained too when the training
+    views include stain views; early stopping on the validation patients' loss."""
+    settings = config.classifier
+    if unfreeze_blocks(trunk, settings.fine_tune_blocks) is None:
         log.warning("fine-tuning needs a keras.applications trunk; skipped")
         return None
-    trunk.trainable = True
-    mixed = [layer.name for layer in inner.layers if layer.name.startswith("mixed") and "_" not in layer.name]
-    first = mixed[-settings.fine_tune_blocks - 1] if settings.fine_tune_blocks < len(mixed) else None
-    trainable = first is None
-    for layer in inner.layers:
-        # BatchNorm stays in inference mode: the batches are small and the statistics pretrained.
-        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
-        if layer.name == first:
-            trainable = True
+    stain = settings.stain_jitter if any(augment.is_stain_view(v) for v in settings.train_views) else None
     labels = lambda ps: np.array([p.label for p in ps], dtype=np.int64)  # noqa: E731
-    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed, True))
+    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed,
+                                                                  True, stain))
     val_data = distributed.Examples(labels(validation), image_reader(
         validation, settings.image_size, settings.random_seed, False)) if validation else None
     history, _ = distributed.fit(
@@ -167,6 +184,8 @@ def train(config: Config, trunk=None) -> dict:
     fine_tune_history = None
     if settings.fine_tune_blocks > 0:
         fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
+    elif me.chief:  # an earlier run's fine-tuning curves would be reported as this model's
+        model.history("fine_tune").unlink(missing_ok=True)
     if settings.test_time_augmentation:
         classifier = build_classifier(trunk, head, settings.tta_views)
 
