@@ -10,7 +10,7 @@ evaluated on the validation and the test patients (`evaluate.py`). Choose betwee
 VALIDATION figures; the test figures are reported, not used to choose.
 
   python trainer.py sort ...    # once: the split every variant shares
-  python benchmarks/ablation.py --variants head views tta stain fine_tune fine_tune_stain
+  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ VARIANTS = {
             {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
               {"train_views": [*DIHEDRAL, "stain1", "stain2"], "test_time_augmentation": True, "fine_tune_blocks": 0}),
+    "mixed2": ("tta, with mixed2's features added to mixed0's and mixed1's",
+               {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0,
+                "feature_layers": ["mixed0", "mixed1", "mixed2"]}),
     "fine_tune": ("tta + fine-tuning mixed0 and mixed1 end to end (flips, rotations)",
                   {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 2}),
     "fine_tune_stain": ("tta + fine-tuning with flips, rotations and stain jitter",
