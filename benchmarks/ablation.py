@@ -32,7 +32,7 @@ VARIANTS = {
              {"train_views": ["identity"], "test_time_augmentation": False, "fine_tune_blocks": 0}),
     "views": ("+ flipped and rotated copies in training",
               {"train_views": DIHEDRAL, "test_time_augmentation": False, "fine_tune_blocks": 0}),
-    "tta": ("+ test-time averaging over the 4 views (the default before fine-tuning)",
+    "tta": ("+ test-time averaging over the 4 views: the default",
             {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
               {"train_views": [*DIHEDRAL, "stain1", "stain2"], "test_time_augmentation": True, "fine_tune_blocks": 0}),
