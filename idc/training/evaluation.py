@@ -8,6 +8,7 @@ with the development machine.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -161,11 +162,9 @@ def missed_and_nearest_negatives(config: Config, rows: list[dict], shown: int = 
 
 def _tradeoff(model) -> list[dict] | None:
     """The validation trade-off recorded when the decision rule was chosen (training.json)."""
-    import json
-
     if not model.training_record.exists():
         return None
-    rule = json.loads(model.training_record.read_text()).get("decision_rule", {})
+    rule = json.loads(model.training_record.read_text()).get("decision_rule") or {}
     return (rule.get("validation") or {}).get("tradeoff")
 
 
