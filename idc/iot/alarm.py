@@ -262,9 +262,13 @@ class Alarm:
     def show(self, state: str, origin: str | None = None, stale: bool = False) -> None:
         """Set the pins for a state (IDC, NO_IDC, REVIEW or IDLE) and publish it; a stale IDC
         (a late result) lights the red LED without the buzzer."""
+        if state not in (IDC, NO_IDC, REVIEW, IDLE):
+            raise ValueError(f"unknown alarm state {state!r}")
         with self._lock:
             if self.state == REVIEW and state != REVIEW:
                 self.red.off()  # stops the blinking (not logged) before the pins log again
+            # The state first: whoever sees the new pins (a test, a status request) sees the new state too.
+            self.state, self.origin, self.acknowledged, self.stale = state, origin, False, stale
             self._quiet_red(False)
             # Whatever goes off goes off first, so two signals never show at once.
             if state == IDC:
@@ -284,12 +288,9 @@ class Alarm:
                 self.buzzer.off()
                 self._quiet_red(True)
                 self.red.blink(on_time=REVIEW_BLINK_SECONDS, off_time=REVIEW_BLINK_SECONDS)
-            elif state == IDLE:
+            else:  # IDLE
                 for device in (self.red, self.blue, self.buzzer):
                     device.off()
-            else:
-                raise ValueError(f"unknown alarm state {state!r}")
-            self.state, self.origin, self.acknowledged, self.stale = state, origin, False, stale
             log.info("Alarm: %s%s%s%s", state, f" (from {origin})" if origin else "",
                      ", late: no buzzer" if stale and state == IDC else " (late)" if stale else "",
                      f", red LED blinking every {REVIEW_BLINK_SECONDS} s" if state == REVIEW else "")
