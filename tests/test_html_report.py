@@ -69,3 +69,18 @@ def test_every_file_the_report_links_exists(tiny_project, tmp_path):
         assert (index.parent / link).is_file(), link
     patients = {row.split(",")[0] for row in (tmp_path / "report" / "per_patient.csv").read_text().splitlines()[1:]}
     assert {f"heatmaps/patient_{p}.png" for p in patients} <= set(links)
+
+
+def test_the_gallery_finds_a_missed_patchs_nearest_negative_in_feature_space(tiny_project):
+    from idc.edge.engine import load_classifier
+    from idc.training.evaluation import missed_and_nearest_negatives
+
+    config, _ = tiny_project
+    patches = config.model.read_manifest("test")
+    negatives = [{"file": str(p.path), "label": 0, "predicted": 0, "p_idc": 0.1} for p in patches if p.label == 0]
+    # the same image as a missed IDC patch: its nearest negative in feature space is itself
+    missed = {**negatives[3], "label": 1, "p_idc": 0.2}
+    found, neighbours = missed_and_nearest_negatives(config, load_classifier(config, "keras"), [*negatives, missed],
+                                                     neighbours=2)
+    assert found == [missed] and len(neighbours[0]) == 2
+    assert neighbours[0][0]["file"] == missed["file"] and all(n["label"] == 0 for n in neighbours[0])

@@ -16,7 +16,7 @@ import re
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
-from idc.core.keras_model import VIEWS, view_array
+from idc.core.keras_model import view_array
 from idc.core.preprocessing import preprocess
 
 STAIN_VIEW = re.compile(r"stain([1-9][0-9]*)")
@@ -27,11 +27,6 @@ OD_UNIT = 1.0 / np.log(1e6)
 
 def is_stain_view(view: str) -> bool:
     return STAIN_VIEW.fullmatch(view) is not None
-
-
-def check_view(view: str) -> None:
-    if view not in VIEWS and not is_stain_view(view):
-        raise ValueError(f"unknown view {view!r}; use {list(VIEWS)} or stain1, stain2, ...")
 
 
 def view_rng(digest: str, view: str, seed: int) -> np.random.Generator:
@@ -62,6 +57,11 @@ def random_dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(flipped, int(rng.integers(4))))
 
 
+def augmented(image: np.ndarray, rng: np.random.Generator, strength: dict[str, float] | None) -> np.ndarray:
+    """A patch re-stained (with `strength`; as it is without) and in a random flip or rotation."""
+    return random_dihedral(stain_jitter(image, rng, strength) if strength else image, rng)
+
+
 def view_batch(images: list[np.ndarray], digests: list[str], view: str, image_size: int,
                strength: dict[str, float] | None = None, seed: int = 0) -> np.ndarray:
     """The model's input batch (N, S, S, 3) for one view of decoded RGB images."""
@@ -69,11 +69,8 @@ def view_batch(images: list[np.ndarray], digests: list[str], view: str, image_si
         return view_array(preprocess(images, image_size), view)
     if strength is None:
         raise ValueError(f"view {view!r} needs the stain jitter strengths ({', '.join(STAIN_KEYS)})")
-    jittered = []
-    for image, digest in zip(images, digests):
-        rng = view_rng(digest, view, seed)
-        jittered.append(random_dihedral(stain_jitter(image, rng, strength), rng))
-    return preprocess(jittered, image_size)
+    return preprocess([augmented(image, view_rng(digest, view, seed), strength)
+                       for image, digest in zip(images, digests)], image_size)
 
 
 def describe_view(view: str, strength: dict[str, float] | None, seed: int) -> str:

@@ -119,7 +119,7 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     plots = reports.plot_report(report_dir, labels, p, threshold,
                                 {"head": model.history("head"), "fine-tuning": model.history("fine_tune")})
     heatmaps = html_report.save_patient_heatmaps(report_dir, rows)
-    gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, rows))
+    gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, engine, rows))
     index = html_report.write_index(report_dir, result, patients, plots, heatmaps, gallery, _tradeoff(model))
     _log_to_tensorboard(model.log_dir(f"evaluation_{name}"), result)
 
@@ -130,30 +130,37 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     return result
 
 
-def missed_and_nearest_negatives(config: Config, rows: list[dict], shown: int = 24, neighbours: int = 4,
+def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown: int = 24, neighbours: int = 4,
                                  pool: int = 3000) -> tuple[list[dict], list[list[dict]]]:
     """The most confidently missed IDC patches and, for each, the nearest patches without IDC in the
-    trunk's feature space (among up to `pool` negatives, drawn with the seed)."""
+    trunk's feature space (among up to `pool` negatives, drawn with the seed). The trunk is the Keras
+    model's: the engine's own when it is that model, else loaded (an IR has no feature output)."""
     missed = sorted((r for r in rows if r["label"] == 1 and r["predicted"] == 0), key=lambda r: r["p_idc"])[:shown]
     negatives = [r for r in rows if r["label"] == 0]
     if not missed or not negatives:
         return [], []
-    if not config.model.keras_model.exists():
+    if engine.backend == "keras":
+        model = engine.model
+    elif config.model.keras_model.exists():
+        from idc.core.keras_model import load_keras_model
+
+        model = load_keras_model(config.model.keras_model, engine.bundle.external_trunk)
+    else:
         log.warning("no Keras model at %s: the report has no gallery of nearest negatives", config.model.keras_model)
         return [], []
-    from idc.core.bundle import Bundle
-    from idc.core.keras_model import load_keras_model
     from idc.core.preprocessing import load_batch
 
     rng = np.random.default_rng(config.classifier.random_seed)
     negatives = [negatives[i] for i in sorted(rng.choice(len(negatives), min(pool, len(negatives)), replace=False))]
-    bundle = Bundle.load(config.model.root)
-    trunk = load_keras_model(config.model.keras_model, bundle.external_trunk).get_layer("trunk")
+    import keras
+
+    # the sub-model that feeds the head (named "trunk" by build_trunk; a custom trunk keeps its own name)
+    trunk = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head")
     batch = config.classifier.batch_size
 
     def features(items):
         return np.concatenate([np.asarray(trunk.predict_on_batch(load_batch([r["file"] for r in items[i:i + batch]],
-                                                                            bundle.image_size)))
+                                                                            engine.image_size)))
                                for i in range(0, len(items), batch)])
 
     nearest = html_report.nearest(features(missed), features(negatives), neighbours)

@@ -74,9 +74,8 @@ def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmente
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
-            rngs = [np.random.default_rng([seed, epoch, int(i)]) for i in rows]
-            images = [augment.random_dihedral(augment.stain_jitter(image, rng, stain_jitter) if stain_jitter
-                                              else image, rng) for image, rng in zip(images, rngs)]
+            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter)
+                      for image, i in zip(images, rows)]
         return preprocess(images, image_size)
     return read
 
