@@ -10,7 +10,7 @@ evaluated on the validation and the test patients (`evaluate.py`). Choose betwee
 VALIDATION figures; the test figures are reported, not used to choose.
 
   python trainer.py sort ...    # once: the split every variant shares
-  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain
+  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn
 """
 
 from __future__ import annotations
@@ -26,24 +26,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
+# The settings every variant starts from: frozen features, flips and rotations, test-time averaging.
+BASE = {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0, "patch_cnn_epochs": 0}
 # name -> (what it adds, ClassifierSettings changes); each builds on the one before it
 VARIANTS = {
     "head": ("new softmax layer on frozen mixed0+mixed1 features, one view",
-             {"train_views": ["identity"], "test_time_augmentation": False, "fine_tune_blocks": 0}),
-    "views": ("+ flipped and rotated copies in training",
-              {"train_views": DIHEDRAL, "test_time_augmentation": False, "fine_tune_blocks": 0}),
-    "tta": ("+ test-time averaging over the 4 views: the default",
-            {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0}),
+             {**BASE, "train_views": ["identity"], "test_time_augmentation": False}),
+    "views": ("+ flipped and rotated copies in training", {**BASE, "test_time_augmentation": False}),
+    "tta": ("+ test-time averaging over the 4 views", BASE),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
-              {"train_views": [*DIHEDRAL, "stain1", "stain2"], "test_time_augmentation": True, "fine_tune_blocks": 0}),
+              {**BASE, "train_views": [*DIHEDRAL, "stain1", "stain2"]}),
     "mixed2": ("tta, with mixed2's features added to mixed0's and mixed1's",
-               {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0,
-                "feature_layers": ["mixed0", "mixed1", "mixed2"]}),
-    "fine_tune": ("tta + fine-tuning mixed0 and mixed1 end to end (flips, rotations)",
-                  {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 2}),
+               {**BASE, "feature_layers": ["mixed0", "mixed1", "mixed2"]}),
+    "fine_tune": ("tta + fine-tuning mixed0 and mixed1 end to end (flips, rotations)", {**BASE, "fine_tune_blocks": 2}),
     "fine_tune_stain": ("tta + fine-tuning with flips, rotations and stain jitter",
-                        {"train_views": [*DIHEDRAL, "stain1"], "test_time_augmentation": True,
-                         "fine_tune_blocks": 2}),
+                        {**BASE, "train_views": [*DIHEDRAL, "stain1"], "fine_tune_blocks": 2}),
+    "patch_cnn": ("tta, averaged with a patch CNN trained from scratch (16 epochs): the default",
+                  {**BASE, "patch_cnn_epochs": 16}),
 }
 
 

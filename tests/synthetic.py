@@ -43,7 +43,7 @@ def write_config(tmp: Path, **classifier) -> Path:
                                       "batch_size": 16, "epochs": 40, "early_stopping_patience": 40,
                                       "learning_rate": 0.01, "head_batch_size": 16,
                                       # the article's fixed 0.54, which the tests of the rule rely on
-                                      "decision_rule_from_validation": False, **classifier})
+                                      "decision_rule_from_validation": False, "patch_cnn_epochs": 0, **classifier})
     path = tmp / "confs.json"
     path.write_text(json.dumps(raw, indent=2))
     return path

@@ -97,6 +97,35 @@ def test_fine_tune_phase_runs_and_exports(tmp_path):
     assert (config.model_dir / "history_fine_tune.csv").exists() and config.model.keras_model.exists()
 
 
+def test_patch_cnn_is_trained_and_averaged_with_the_head(tmp_path):
+    from idc.core.bundle import Bundle
+    from idc.core.keras_model import load_keras_model, view_array
+    from idc.core.preprocessing import load_batch
+
+    make_dataset(tmp_path / "raw", patients=5, per_class=6)
+    config = load_config(write_config(tmp_path, epochs=3, patch_cnn_epochs=3, train_views=["identity", "hflip"]))
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    record = train(config, trunk=tiny_trunk())
+    assert len(record["patch_cnn_history"]["loss"]) == 3
+    assert (config.model_dir / "history_patch_cnn.csv").exists() and Bundle.load(config.model.root).patch_cnn
+    model = load_keras_model(config.model.keras_model)
+    head, trunk, cnn = model.get_layer("head"), model.get_layer("tiny_trunk"), model.get_layer("patch_cnn")
+    batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
+    expected = np.mean([(np.asarray(head(trunk(view_array(batch, v)))) + np.asarray(cnn(view_array(batch, v)))) / 2
+                        for v in ("identity", "hflip")], 0)
+    np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
+    # the patch CNN alone learned the (colour-separable) synthetic classes
+    test = config.model.read_manifest("test")
+    answers = np.argmax(np.asarray(cnn(load_batch([p.path for p in test], 75))), 1)
+    assert (answers == np.array([p.label for p in test])).mean() >= 0.9
+    assert evaluate(config, split="test", echo=lambda *_: None)["balanced_accuracy"] >= 0.9
+    # the whole model (head and patch CNN under every view) compiles to OpenVINO and answers the same
+    from idc.edge.compile import check_parity, compile_ir
+
+    compile_ir(config, ["FP32"])
+    assert check_parity(config, ["FP32"], echo=lambda *_: None)["FP32"]["max_abs_diff"] < 1e-4
+
+
 def test_class_weights_balance_the_loss():
     weights = class_weights(np.array([0, 0, 0, 1]))
     assert weights[1] == 3 * weights[0]

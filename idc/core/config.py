@@ -52,6 +52,8 @@ class ClassifierSettings:
     fine_tune_blocks: int
     fine_tune_epochs: int
     fine_tune_learning_rate: float
+    patch_cnn_epochs: int
+    patch_cnn_learning_rate: float
     InceptionThreshold: float
     review_band: float
     threshold_override: float | None
@@ -72,6 +74,8 @@ class ClassifierSettings:
         _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
         _require(self.l2_regularization >= 0, "l2_regularization", "must not be negative")
         _require(self.epochs > 0, "epochs", "must be positive")
+        _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
+        _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")
         _require(
             0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
             and self.validation_fraction + self.test_fraction < 1,

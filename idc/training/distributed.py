@@ -131,12 +131,14 @@ class Examples:
 
 def fit(model, train: Examples, validation: Examples | None, *, optimizer: Callable[[], object], epochs: int,
         batch_size: int, class_weight: dict[int, float] | None, seed: int, patience: int, model_dir: ModelDir,
-        phase: str, run_id: str) -> tuple[dict[str, list[float]], int]:
+        phase: str, run_id: str, full_batches: bool = False) -> tuple[dict[str, list[float]], int]:
     """Train `model` in place under this process's strategy; returns (history of the epochs run here,
     the epoch it started from: 0, or the epoch a backup of the same `run_id` resumed it at).
 
     `optimizer()` makes the optimizer (inside the strategy's scope); `batch_size` is the global batch;
-    `phase` names the logs, history, checkpoint and backup."""
+    `phase` names the logs, history, checkpoint and backup. `full_batches`: each epoch leaves out the rows
+    of its last, partial batch (a different few each epoch), which would be padded with zeros: BatchNorm
+    layers would take those into their batch statistics."""
     chosen, me = strategy(), worker()
     trained = _replica_of(model, chosen)
     with chosen.scope():
@@ -168,6 +170,8 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
         started = time.time()
         callbacks.on_epoch_begin(epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(train))  # the same on every worker
+        if full_batches and len(order) > batch_size:
+            order = order[:len(order) - len(order) % batch_size]
         sums = np.zeros(3)
         for rows, inputs in _batches(chosen, train, order, batch_size, epoch, per_replica):
             inputs = _distribute(chosen, train, rows, epoch, per_replica, weights, trained.input_shape[1:], inputs)

@@ -117,7 +117,8 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     reports.write_csv(report_dir / "per_patient.csv", patients, list(patients[0]))
     reports.save_json(report_dir / "metrics.json", result)
     plots = reports.plot_report(report_dir, labels, p, threshold,
-                                {"head": model.history("head"), "fine-tuning": model.history("fine_tune")})
+                                {"head": model.history("head"), "fine-tuning": model.history("fine_tune"),
+                                  "patch CNN": model.history("patch_cnn")})
     heatmaps = html_report.save_patient_heatmaps(report_dir, rows)
     gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, engine, rows))
     index = html_report.write_index(report_dir, result, patients, plots, heatmaps, gallery, _tradeoff(model))
@@ -155,7 +156,8 @@ def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown
     import keras
 
     # the sub-model that feeds the head (named "trunk" by build_trunk; a custom trunk keeps its own name)
-    trunk = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head")
+    trunk = next(layer for layer in model.layers
+                 if isinstance(layer, keras.Model) and layer.name not in ("head", "patch_cnn"))
     batch = config.classifier.batch_size
 
     def features(items):

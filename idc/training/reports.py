@@ -64,7 +64,7 @@ def plot_report(report_dir: Path, labels, p_idc, threshold: float, histories: di
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
         for ax, metric in zip(axes, ("accuracy", "loss")):
             first = 1
-            for (name, rows), colour in zip(phases, ("tab:blue", "tab:orange")):
+            for (name, rows), colour in zip(phases, ("tab:blue", "tab:orange", "tab:green")):
                 epochs = list(range(first, first + len(rows)))
                 for prefix, style in (("", "-"), ("val_", "--")):
                     if prefix + metric in rows[0]:

@@ -1,4 +1,5 @@
-"""Retrain the final layer on cached bottlenecks, optionally fine-tune the top blocks, export.
+"""Retrain the final layer on cached bottlenecks, optionally fine-tune the top blocks, train the patch
+CNN, export.
 
 Outputs in model_dir (paths from idc.core.bundle.ModelDir): <model_name>.keras (trunk + head,
 image in -> [P(no IDC), P(IDC)]), model.json (the bundle: what every consumer needs to use the
@@ -25,7 +26,7 @@ from idc.training import augment, bottleneck, calibration, data, distributed
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
-from idc.training.model import build_classifier, build_head, build_trunk, describe_weights
+from idc.training.model import build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights
 from idc.core.preprocessing import decode_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,30 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
     return history
 
 
+def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[data.Patch]):
+    """Train the patch CNN (model.build_patch_cnn) from scratch on flipped, rotated and re-stained patches
+    (it learns colour from these patches alone, so it always sees stain jitter), with a cosine-decaying
+    learning rate over `patch_cnn_epochs`; the epoch of lowest validation loss is kept.
+    Returns (patch_cnn, history)."""
+    settings = config.classifier
+    keras.utils.set_random_seed(settings.random_seed)
+    cnn = build_patch_cnn(settings.image_size)
+    labels = lambda ps: np.array([p.label for p in ps], dtype=np.int64)  # noqa: E731
+    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed,
+                                                                  True, settings.stain_jitter))
+    val_data = distributed.Examples(labels(validation), image_reader(
+        validation, settings.image_size, settings.random_seed, False)) if validation else None
+    steps = settings.patch_cnn_epochs * max(1, len(train) // settings.batch_size)
+    schedule = lambda: keras.optimizers.schedules.CosineDecay(settings.patch_cnn_learning_rate, steps, alpha=0.02)  # noqa: E731
+    history, _ = distributed.fit(
+        cnn, train_data, val_data, optimizer=lambda: keras.optimizers.Adam(schedule()),
+        epochs=settings.patch_cnn_epochs, batch_size=settings.batch_size,
+        class_weight=class_weights(labels(train)) if settings.class_weighting else None, seed=settings.random_seed,
+        patience=settings.early_stopping_patience, model_dir=config.model, phase="patch_cnn",
+        run_id=_run_id(config, "patch_cnn", len(train)), full_batches=True)
+    return cnn, history
+
+
 def train(config: Config, trunk=None) -> dict:
     """The whole `trainer.py train` step; returns the training record (also in training.json).
 
@@ -185,8 +210,14 @@ def train(config: Config, trunk=None) -> dict:
         fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
     elif me.chief:  # an earlier run's fine-tuning curves would be reported as this model's
         model.history("fine_tune").unlink(missing_ok=True)
-    if settings.test_time_augmentation:
-        classifier = build_classifier(trunk, head, settings.tta_views)
+    patch_cnn = patch_cnn_history = None
+    if settings.patch_cnn_epochs > 0:
+        patch_cnn, patch_cnn_history = train_patch_cnn(config, splits["train"], splits["validation"])
+    elif me.chief:
+        model.history("patch_cnn").unlink(missing_ok=True)
+    if settings.test_time_augmentation or patch_cnn is not None:
+        classifier = build_classifier(trunk, head, settings.tta_views if settings.test_time_augmentation else (),
+                                      patch_cnn)
 
     rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
                                "slide_context": None, "threshold_source": "confs.json"}, None
@@ -201,6 +232,7 @@ def train(config: Config, trunk=None) -> dict:
             model_name=settings.model_name, image_size=settings.image_size,
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
             train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
+            patch_cnn=patch_cnn is not None,
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
         bundle.save(model.root)
     record = {
@@ -222,6 +254,8 @@ def train(config: Config, trunk=None) -> dict:
         "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},  # the epochs run here
         "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
                                                     for k, vs in fine_tune_history.items()},
+        "patch_cnn_history": patch_cnn_history and {k: [round(float(v), 5) for v in vs]
+                                                    for k, vs in patch_cnn_history.items()},
         "versions": _versions(),
     }
     if not me.chief:
