@@ -71,6 +71,10 @@ def test_value_checks(tmp_path):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(InceptionThreshold=1.5)))
     with pytest.raises(ConfigError, match="samples_per_class"):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(samples_per_class="some")))
+    with pytest.raises(ConfigError, match="'patch_cnn_epochs'.*0 \\(no patch CNN\\) or more"):
+        load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_epochs=-1)))
+    with pytest.raises(ConfigError, match="'patch_cnn_learning_rate'.*positive"):
+        load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_learning_rate=0.0)))
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):

@@ -206,3 +206,32 @@ def test_a_cluster_strategy_made_after_tensorflow_started_says_what_to_do():
                           env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": str(ROOT),
                                "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "ClusterError" in done.stdout and "distributed.strategy() first" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("full_batches", [False, True])
+def test_full_batches_leave_out_each_epochs_partial_batch(tmp_path, full_batches):
+    """With full_batches (the patch CNN's BatchNorm), every training batch has batch_size rows: the few
+    rows of the partial last batch are left out, other ones each epoch; without it, every row is read."""
+    import keras
+
+    from idc.core.bundle import ModelDir
+
+    read = []
+
+    def reader(rows, epoch):
+        read.append((epoch, [int(r) for r in rows]))
+        return np.zeros((len(rows), 4), np.float32)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    labels = np.array([0, 1] * 5)
+    distributed.fit(model, distributed.Examples(labels, reader), None, optimizer=lambda: keras.optimizers.SGD(0.1),
+                    epochs=2, batch_size=4, class_weight=None, seed=0, patience=1,
+                    model_dir=ModelDir(tmp_path, "m"), phase="probe", run_id="probe", full_batches=full_batches)
+    for epoch in (0, 1):
+        batches = [rows for e, rows in read if e == epoch]
+        assert [len(rows) for rows in batches] == ([4, 4] if full_batches else [4, 4, 2])
+        seen = sorted(r for rows in batches for r in rows)
+        assert seen == sorted(set(seen)) and (len(seen) == 8 if full_batches else seen == list(range(10)))
+    if full_batches:  # a different few rows left out in each epoch
+        assert {r for e, rows in read if e == 0 for r in rows} != {r for e, rows in read if e == 1 for r in rows}
