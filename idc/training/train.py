@@ -81,6 +81,18 @@ def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmente
     return read
 
 
+def image_examples(settings, train: list[data.Patch], validation: list[data.Patch],
+                   stain: dict[str, float] | None):
+    """(training, validation) examples for the phases that train on decoded patches: the training ones
+    augmented (a flip or rotation; re-stained with `stain`), the validation ones as they are (None if none)."""
+    def labels(patches):
+        return np.array([p.label for p in patches], dtype=np.int64)
+
+    seed, size = settings.random_seed, settings.image_size
+    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain)),
+            distributed.Examples(labels(validation), image_reader(validation, size, seed, False)) if validation else None)
+
+
 def unfreeze_blocks(trunk, blocks: int):
     """Make the top `blocks` Inception blocks of the trunk trainable: with `blocks` >= their number, every
     block that feeds the head, but never the stem (its early filters are generic, and training through it
@@ -112,15 +124,11 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
         log.warning("fine-tuning needs a keras.applications trunk; skipped")
         return None
     stain = settings.stain_jitter if any(augment.is_stain_view(v) for v in settings.train_views) else None
-    labels = lambda ps: np.array([p.label for p in ps], dtype=np.int64)  # noqa: E731
-    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed,
-                                                                  True, stain))
-    val_data = distributed.Examples(labels(validation), image_reader(
-        validation, settings.image_size, settings.random_seed, False)) if validation else None
+    train_data, val_data = image_examples(settings, train, validation, stain)
     history, _ = distributed.fit(
         classifier, train_data, val_data, optimizer=lambda: keras.optimizers.Adam(settings.fine_tune_learning_rate),
         epochs=settings.fine_tune_epochs, batch_size=settings.batch_size,
-        class_weight=class_weights(labels(train)) if settings.class_weighting else None, seed=settings.random_seed,
+        class_weight=class_weights(train_data.labels) if settings.class_weighting else None, seed=settings.random_seed,
         patience=settings.early_stopping_patience, model_dir=config.model, phase="fine_tune",
         run_id=_run_id(config, "fine_tune", len(train)))
     trunk.trainable = False
@@ -135,17 +143,13 @@ def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[da
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     cnn = build_patch_cnn(settings.image_size)
-    labels = lambda ps: np.array([p.label for p in ps], dtype=np.int64)  # noqa: E731
-    train_data = distributed.Examples(labels(train), image_reader(train, settings.image_size, settings.random_seed,
-                                                                  True, settings.stain_jitter))
-    val_data = distributed.Examples(labels(validation), image_reader(
-        validation, settings.image_size, settings.random_seed, False)) if validation else None
+    train_data, val_data = image_examples(settings, train, validation, settings.stain_jitter)
     steps = settings.patch_cnn_epochs * max(1, len(train) // settings.batch_size)
     schedule = lambda: keras.optimizers.schedules.CosineDecay(settings.patch_cnn_learning_rate, steps, alpha=0.02)  # noqa: E731
     history, _ = distributed.fit(
         cnn, train_data, val_data, optimizer=lambda: keras.optimizers.Adam(schedule()),
         epochs=settings.patch_cnn_epochs, batch_size=settings.batch_size,
-        class_weight=class_weights(labels(train)) if settings.class_weighting else None, seed=settings.random_seed,
+        class_weight=class_weights(train_data.labels) if settings.class_weighting else None, seed=settings.random_seed,
         patience=settings.early_stopping_patience, model_dir=config.model, phase="patch_cnn",
         run_id=_run_id(config, "patch_cnn", len(train)), full_batches=True)
     return cnn, history
