@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from idc.core import cli
 from idc.core.config import with_overrides
+from idc.core.files import write_text_atomically
 
 log = logging.getLogger("trainer")
 # option -> ClassifierSettings key
@@ -67,9 +67,7 @@ def main() -> int:
     options = {**reused, **given}
     if options != previous:  # every worker of a cluster job runs this: write only a change, atomically
         remembered.parent.mkdir(parents=True, exist_ok=True)
-        partial = remembered.with_name(f"{remembered.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(options, indent=2) + "\n")
-        partial.replace(remembered)
+        write_text_atomically(remembered, json.dumps(options, indent=2) + "\n")
 
     if args.step in ("sort", "all"):
         sort(config)

@@ -1,7 +1,12 @@
-"""Finding image files for the scripts (no NumPy or Pillow: the client imports it too)."""
+"""Files: finding the images a script is given, and replacing a file atomically (no NumPy or Pillow:
+the client imports this too)."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -16,3 +21,27 @@ def find_images(paths: list[str | Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+@contextmanager
+def replaced_atomically(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed over `path` when the block ends, so that a reader
+    (another worker of a cluster) sees the old file or the new one, never half of one, and a killed writer
+    leaves the old one. Removed instead if the block raises. `fsync`: the data is on disk before the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (see replaced_atomically)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)

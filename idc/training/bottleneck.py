@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from idc.core.bundle import PREPROCESSING_VERSION
 from idc.core.errors import ClusterWaitError
+from idc.core.files import replaced_atomically, write_text_atomically
 from idc.core.preprocessing import decode_image
 from idc.training import augment
 
@@ -104,16 +104,8 @@ def write_shard(path: Path, digests: np.ndarray, features: np.ndarray) -> None:
     n, dim = features.shape
     record = np.zeros((), dtype=[("digests", f"S{DIGEST_LENGTH}", (n,)), ("features", "<f4", (n, dim))])
     record["digests"], record["features"] = digests, features
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, record)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, record)
 
 
 class BottleneckCache:
@@ -260,10 +252,7 @@ class BottleneckCache:
             write_shard(path, digests, features)
 
     def _write_description(self) -> None:
-        path = self.folder / "trunk.json"
-        tmp = path.with_name(f".trunk.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.description, indent=2))
-        os.replace(tmp, path)
+        write_text_atomically(self.folder / "trunk.json", json.dumps(self.description, indent=2))
 
     def _convert_legacy(self) -> None:
         """A cache of the one-file format (bottlenecks.npz) becomes shards: nothing is recomputed."""

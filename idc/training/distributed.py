@@ -44,6 +44,7 @@ import tensorflow as tf  # importing is fine before strategy(); running an op is
 
 from idc.core.bundle import ModelDir
 from idc.core.errors import ClusterError
+from idc.core.files import replaced_atomically, write_text_atomically
 from idc.training.cluster import cluster_config, is_chief
 
 log = logging.getLogger(__name__)
@@ -386,16 +387,14 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
         if not self.chief:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.dir / "run.json", json.dumps({"run": self.run_id}))
+        write_text_atomically(self.dir / "run.json", json.dumps({"run": self.run_id}))
         stopper = self.early_stopping
         if stopper is not None and stopper.best_weights is not None:
             # One file per epoch, kept until a later backup is complete: whichever epoch the weights are
             # restored at (the latest, or the one before when the latest file is damaged), its state is there.
-            path = self._early_stopping_file(self._current_epoch)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-            np.savez(tmp, wait=stopper.wait, best=stopper.best, best_epoch=stopper.best_epoch,
-                     **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
-            os.replace(tmp, path)
+            with replaced_atomically(self._early_stopping_file(self._current_epoch)) as tmp, open(tmp, "wb") as f:
+                np.savez(f, wait=stopper.wait, best=stopper.best, best_epoch=stopper.best_epoch,
+                         **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
         super()._save_model()  # the weights, then training_metadata.json with the epoch: written last
         for old in self.dir.glob("early_stopping.*.npz"):
             if int(old.name.split(".")[1]) < self._current_epoch - 1:
@@ -403,9 +402,3 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
 
     def _early_stopping_file(self, epoch: int) -> Path:
         return self.dir / f"early_stopping.{epoch}.npz"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
