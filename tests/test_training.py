@@ -119,6 +119,10 @@ def test_patch_cnn_is_trained_and_averaged_with_the_head(tmp_path):
     answers = np.argmax(np.asarray(cnn(load_batch([p.path for p in test], 75))), 1)
     assert (answers == np.array([p.label for p in test])).mean() >= 0.9
     assert evaluate(config, split="test", echo=lambda *_: None)["balanced_accuracy"] >= 0.9
+    # the report's gallery compares patches in the trunk's feature space, not in the patch CNN's answers
+    from idc.training.evaluation import feature_extractor
+
+    assert feature_extractor(model) is trunk
     # the whole model (head and patch CNN under every view) compiles to OpenVINO and answers the same
     from idc.edge.compile import check_parity, compile_ir
 

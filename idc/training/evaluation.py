@@ -153,11 +153,7 @@ def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown
 
     rng = np.random.default_rng(config.classifier.random_seed)
     negatives = [negatives[i] for i in sorted(rng.choice(len(negatives), min(pool, len(negatives)), replace=False))]
-    import keras
-
-    # the sub-model that feeds the head (named "trunk" by build_trunk; a custom trunk keeps its own name)
-    trunk = next(layer for layer in model.layers
-                 if isinstance(layer, keras.Model) and layer.name not in ("head", "patch_cnn"))
+    trunk = feature_extractor(model)
     batch = config.classifier.batch_size
 
     def features(items):
@@ -167,6 +163,16 @@ def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown
 
     nearest = html_report.nearest(features(missed), features(negatives), neighbours)
     return missed, [[negatives[j] for j in row] for row in nearest]
+
+
+def feature_extractor(model):
+    """The trained model's trunk: the sub-model whose output the head takes (named "trunk" by build_trunk; a
+    custom trunk keeps its own name), not the patch CNN beside it."""
+    import keras
+
+    width = model.get_layer("head").input_shape[-1]
+    return next(layer for layer in model.layers
+                if isinstance(layer, keras.Model) and layer.name != "head" and layer.output_shape[-1] == width)
 
 
 def _tradeoff(model) -> list[dict] | None:

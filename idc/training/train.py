@@ -27,7 +27,7 @@ from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
 from idc.training.model import build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights
-from idc.core.preprocessing import decode_image, preprocess
+from idc.core.preprocessing import decode_image, load_batch, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ def choose_decision_rule(classifier, validation: list[data.Patch], image_size: i
     """Threshold and slide-context rule chosen on the validation patients, with the exported model
     (test-time augmentation included), as the bundle records them."""
     p = np.concatenate([
-        np.asarray(classifier.predict_on_batch(preprocess([decode_image(x.path) for x in validation[i:i + batch_size]],
-                                                          image_size)))[:, 1]
+        np.asarray(classifier.predict_on_batch(load_batch([x.path for x in validation[i:i + batch_size]], image_size)))[:, 1]
         for i in range(0, len(validation), batch_size)])
     labels = np.array([x.label for x in validation])
     threshold, balanced = calibration.best_threshold(labels, p)
