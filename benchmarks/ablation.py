@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from training import run_child  # benchmarks/training.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
@@ -46,17 +46,6 @@ VARIANTS = {
 }
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run a child process (output to `log`); its wall time and peak resident memory (GiB)."""
-    started = time.perf_counter()
-    with log.open("a") as output:
-        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - started, usage.ru_maxrss / 2**20
-
-
 def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict) -> dict:
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,12 +59,12 @@ def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict
     conf = folder / "confs.json"
     conf.write_text(json.dumps({**config, "ClassifierSettings": settings}, indent=2))
     log = folder / "ablation.log"
-    seconds, peak = run([sys.executable, str(ROOT / "trainer.py"), "train", "--config", str(conf)], log)
+    seconds, peak = run_child([sys.executable, str(ROOT / "trainer.py"), "train", "--config", str(conf)], log)
     record = json.loads((folder / "training.json").read_text())
     row = {"variant": name, "train_seconds": round(seconds), "peak_rss_gib": round(peak, 2),
            "bottlenecks_computed": record["bottleneck_cache"]["train"]["computed"]}
     for split in ("validation", "test"):
-        run([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
+        run_child([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
         metrics = json.loads((folder / "reports" / split / "metrics.json").read_text())
         context = metrics.get("slide_context") or {}
         row[split] = {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],

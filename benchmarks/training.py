@@ -24,6 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a child process (output appended to `log`); its wall time and peak resident memory (GiB).
+    Exits with the log's end if it fails."""
+    started = time.perf_counter()
+    with log.open("a") as output:
+        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage: its peak memory
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss / 2**20
+
+
 def run_size(size: int, args, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "trainer.py"), "all", "--config", args.config, "--image-size", str(size),
            "--model-dir", str(out)]
@@ -33,19 +45,11 @@ def run_size(size: int, args, out: Path) -> dict:
     if args.feature_layers:
         cmd += ["--feature-layers", *args.feature_layers]
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "benchmark.log"
-    started = time.perf_counter()
-    with log.open("w") as output:
-        child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
-        # wait4 gives this child's own resource usage: its peak resident memory.
-        _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"size {size} failed; see {log}:\n{log.read_text()[-3000:]}")
+    seconds, peak_gib = run_child(cmd, out / "benchmark.log")
     record = json.loads((out / "training.json").read_text())
     metrics = json.loads((out / "reports" / "test" / "metrics.json").read_text())
     return {"size": size, "seconds": seconds, "bottleneck_seconds": record["bottleneck_seconds"],
-            "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "peak_rss_gib": peak_gib,
             "train_patches": sum(record["data"]["train"]["patches"].values()),
             "balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
             "roc_auc": metrics["roc_auc"], "test_patches": metrics["patches"]}
