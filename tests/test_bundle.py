@@ -3,13 +3,14 @@ evaluation, compile, the engine and the scripts; per-machine import rules; bad o
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from idc.core.bundle import Bundle, ModelDir
-from idc.core.config import load_config
+from idc.core.config import load_config, with_overrides
 from idc.core.errors import ModelNotFoundError
 from idc.edge.engine import load_classifier
 from idc.training.evaluation import evaluate
@@ -78,8 +79,11 @@ def test_evaluate_runs_the_compiled_ir_on_the_same_patients(compiled_fp16, tmp_p
     assert keras["model"]["backend"] == "keras" and fp16["model"]["backend"] == "openvino-FP16"
     assert fp16["patches"] == keras["patches"] and abs(fp16["balanced_accuracy"] - keras["balanced_accuracy"]) < 0.05
     assert any(line.startswith("Evaluating openvino-FP16 (75 px") for line in lines)
+    # A copy without INT8: the shared project has one once test_edge.py has compiled it.
+    copy = with_overrides(compiled_fp16, "ClassifierSettings", model_dir=str(tmp_path / "model"))
+    shutil.copytree(compiled_fp16.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("bottlenecks", "logs", "INT8"))
     with pytest.raises(ModelNotFoundError, match="no INT8 IR.*compile_ncs.sh --precision INT8"):
-        evaluate(compiled_fp16, split="test", report_dir=tmp_path / "int8", precision="INT8")
+        evaluate(copy, split="test", report_dir=tmp_path / "int8", precision="INT8")
 
 
 def test_a_model_directory_without_a_bundle_says_what_to_do(tmp_path):
