@@ -10,7 +10,7 @@ evaluated on the validation and the test patients (`evaluate.py`). Choose betwee
 VALIDATION figures; the test figures are reported, not used to choose.
 
   python trainer.py sort ...    # once: the split every variant shares
-  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn
+  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn reinhard
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ VARIANTS = {
                         {**BASE, "train_views": [*DIHEDRAL, "stain1"], "fine_tune_blocks": 2}),
     "patch_cnn": ("tta, averaged with a patch CNN trained from scratch (16 epochs): the default",
                   {**BASE, "patch_cnn_epochs": 16}),
+    "reinhard": ("patch_cnn, on Reinhard stain-normalised images (the model's first layer)",
+                 {**BASE, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
 }
 
 

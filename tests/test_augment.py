@@ -82,6 +82,8 @@ def test_config_checks_views_and_strengths(tmp_path):
         load_config(write_config(tmp_path, train_views=["identity", "stainX"]))
     with pytest.raises(ConfigError, match="stain_jitter"):
         load_config(write_config(tmp_path, stain_jitter={"hed": 0.05}))
+    with pytest.raises(ConfigError, match="'stain_normalization'.*\"none\" or \"reinhard\""):
+        load_config(write_config(tmp_path, stain_normalization="macenko"))
     config = load_config(write_config(tmp_path, train_views=["identity", "rot90", "stain1", "stain2"]))
     assert config.classifier.tta_views == ("identity", "rot90")
 
@@ -144,3 +146,71 @@ def test_fine_tuning_trains_the_blocks_that_feed_the_head_but_never_the_stem():
     assert all(names.index(n) > stem_end for n in trainable())
     assert any(names.index(n) < names.index("mixed0") for n in trainable())  # mixed0's own branches
     assert not any(isinstance(l, keras.layers.BatchNormalization) and l.trainable for l in cut.layers)
+
+
+# --- Reinhard stain normalisation: the model's first layer ---
+
+def restained(image: np.ndarray, cast) -> np.ndarray:
+    """The same tissue under another stain and scanner: a per-channel gain and offset."""
+    return np.clip(image * np.array(cast[0]) + np.array(cast[1]), 0, 255).astype(np.uint8)
+
+
+def test_reinhard_normalisation_maps_each_image_to_the_target_stain():
+    from idc.core.keras_model import ReinhardNormalization, view_array
+    from idc.core.preprocessing import preprocess
+
+    rng = np.random.default_rng(0)
+    tissue = [stained_image(rng) for _ in range(4)]
+    casts = [((1.0, 1.0, 1.0), (0, 0, 0)), ((0.85, 0.95, 1.05), (10, -5, 0)), ((1.05, 0.8, 0.9), (-8, 12, 6))]
+    batches = [preprocess([restained(t, cast) for t in tissue], 75) for cast in casts]
+    layer = ReinhardNormalization.fit(batches[:1])
+    assert np.allclose(layer.target_mean, np.asarray(layer.image_stats(batches[0])[0]).mean(0))
+    outputs = [np.asarray(layer(batch)) for batch in batches]
+    for out in outputs:
+        assert out.shape == batches[0].shape and -1 <= out.min() and out.max() <= 1
+        mean, std = map(np.asarray, layer.image_stats(out))
+        np.testing.assert_allclose(mean, np.broadcast_to(layer.target_mean, mean.shape), atol=0.02)
+        np.testing.assert_allclose(std, np.broadcast_to(layer.target_std, std.shape), rtol=0.1)
+    # the re-stained copies of one tissue come out far closer to each other than they went in
+    before = np.abs(batches[1] - batches[2]).mean()
+    after = np.abs(outputs[1] - outputs[2]).mean()
+    assert after < before / 3
+    # per-image statistics: a flipped or rotated image normalises to the flipped or rotated result
+    for view in ("hflip", "rot90"):
+        np.testing.assert_allclose(np.asarray(layer(view_array(batches[1], view))), view_array(outputs[1], view),
+                                   atol=1e-5)
+    # an image already at the target comes back as it was (up to the log's floor at 1/255)
+    own = ReinhardNormalization(*map(lambda s: np.asarray(s)[0], layer.image_stats(batches[1][:1])))
+    np.testing.assert_allclose(np.asarray(own(batches[1][:1])), batches[1][:1], atol=0.02)
+    assert ReinhardNormalization.from_config(layer.get_config()).target_std == layer.target_std
+
+
+def test_training_with_stain_normalisation_puts_it_in_the_model_and_every_ir(tmp_path):
+    from idc.core.bundle import Bundle
+    from idc.core.keras_model import load_keras_model, view_array
+    from idc.edge.compile import check_parity, compile_ir
+    from idc.training import data
+    from idc.training.evaluation import feature_extractor
+
+    make_dataset(tmp_path / "raw", patients=5, per_class=6)
+    config = load_config(write_config(tmp_path, stain_normalization="reinhard", patch_cnn_epochs=1,
+                                      train_views=["identity", "hflip"]))
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    train(config, trunk=tiny_trunk())
+    bundle = Bundle.load(config.model.root)
+    assert bundle.stain_normalization["method"] == "reinhard" and len(bundle.stain_normalization["target_std"]) == 3
+    model = load_keras_model(config.model.keras_model)
+    norm, head, trunk, cnn = (model.get_layer(n) for n in ("stain_normalization", "head", "tiny_trunk", "patch_cnn"))
+    assert norm.target_mean == bundle.stain_normalization["target_mean"]
+    batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
+    normalised = np.asarray(norm(batch))
+    expected = np.mean([(np.asarray(head(trunk(view_array(normalised, v)))) + np.asarray(cnn(view_array(normalised, v)))) / 2
+                        for v in ("identity", "hflip")], 0)
+    np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
+    # the cached features are those of the normalised patches, under a key of their own
+    np.testing.assert_allclose(np.asarray(feature_extractor(model)(batch)), np.asarray(trunk(normalised)), atol=1e-6)
+    described = [json.loads(f.read_text())["weights"] for f in (config.model_dir / "bottlenecks").glob("*/trunk.json")]
+    assert len(described) == 2 and all(d.startswith("custom:tiny_trunk; reinhard mean ") for d in described)
+    assert 0 <= evaluate(config, split="test", echo=lambda *_: None)["balanced_accuracy"] <= 1
+    compile_ir(config, ["FP32"])
+    assert check_parity(config, ["FP32"], echo=lambda *_: None)["FP32"]["max_abs_diff"] < 1e-4

@@ -165,6 +165,8 @@ class Bundle:
     threshold_source: str = "confs.json"  # how training chose the threshold
     slide_context: dict | None = None  # {radius, weight, threshold}: see idc.core.context; None: patch-alone
     patch_cnn: bool = False  # the answer is the mean of the transfer head's and a patch CNN's (model.build_patch_cnn)
+    # {method, target_mean, target_std}: the model's first layer normalises the stain (keras_model.ReinhardNormalization)
+    stain_normalization: dict | None = None
     precision: str | None = None  # set in an IR's copy: FP32, FP16 or INT8; None for the Keras model
     compiled_with: str | None = None  # the OpenVINO version that compiled an IR
 

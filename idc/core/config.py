@@ -40,6 +40,7 @@ class ClassifierSettings:
     pooling: str
     train_views: list[str]
     stain_jitter: dict[str, float]
+    stain_normalization: str
     test_time_augmentation: bool
     image_size: int
     batch_size: int
@@ -96,6 +97,7 @@ class ClassifierSettings:
         _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
                  and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
                  'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
+        _require(self.stain_normalization in ("none", "reinhard"), "stain_normalization", 'must be "none" or "reinhard"')
         bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
         _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 

@@ -1,4 +1,5 @@
-"""The saved Keras model: its custom layers (test-time views, mean+std pooling) and its loader.
+"""The saved Keras model: its custom layers (test-time views, mean+std pooling, stain normalisation)
+and its loader.
 
 Defining the layers registers them with Keras, so that `keras.models.load_model` can rebuild a
 trained model. Imports TensorFlow/Keras: the edge box imports this only for the Keras fallback,
@@ -68,6 +69,69 @@ class MeanStdPooling(keras.layers.Layer):
         # Two passes (mean of squared deviations), not E[x^2] - E[x]^2: stable in reduced precision.
         std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2)) + 1e-6)
         return ops.concatenate([ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
+
+
+# Reinhard et al. (2001), "Color transfer between images": RGB -> LMS cone space -> log10 -> lαβ, where
+# the three channels are nearly decorrelated, so each can be standardised on its own.
+_RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
+_LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
+_LN10 = float(np.log(10.0))
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class ReinhardNormalization(keras.layers.Layer):
+    """Reinhard stain normalisation inside the model: each image's lαβ channels are shifted and scaled
+    to the training patches' mean and standard deviation (`target_mean`, `target_std`, fitted by
+    `fit`). Image in [-1, 1] -> normalised image in [-1, 1].
+
+    Being a layer, it is part of the saved model and so of every IR: training, evaluation, the
+    server and the review station apply exactly the same preprocessing. Its statistics are per image,
+    so a flip or rotation of the image gives the same flip or rotation of the result."""
+
+    def __init__(self, target_mean, target_std, **kwargs):
+        super().__init__(**kwargs)
+        self.target_mean = [float(v) for v in target_mean]
+        self.target_std = [float(v) for v in target_std]
+
+    @staticmethod
+    def to_lab(x):
+        rgb = ops.clip((ops.convert_to_tensor(x, "float32") + 1.0) / 2.0, 1.0 / 255.0, 1.0)
+        log_lms = ops.log(ops.matmul(rgb, ops.convert_to_tensor(_RGB_TO_LMS.T, "float32"))) / _LN10
+        return ops.matmul(log_lms, ops.convert_to_tensor(_LOG_LMS_TO_LAB.T, "float32"))
+
+    @staticmethod
+    def from_lab(lab):
+        log_lms = ops.matmul(lab, ops.convert_to_tensor(np.linalg.inv(_LOG_LMS_TO_LAB).T, "float32"))
+        rgb = ops.matmul(ops.exp(log_lms * _LN10), ops.convert_to_tensor(np.linalg.inv(_RGB_TO_LMS).T, "float32"))
+        return ops.clip(rgb, 0.0, 1.0) * 2.0 - 1.0
+
+    @classmethod
+    def image_stats(cls, x):
+        """Each image's lαβ mean and standard deviation: two (N, 3) tensors."""
+        lab = cls.to_lab(x)
+        return ops.mean(lab, axis=(1, 2)), ops.std(lab, axis=(1, 2))
+
+    @classmethod
+    def fit(cls, batches, **kwargs) -> ReinhardNormalization:
+        """The layer whose target is the mean, over the images of `batches` (image batches in [-1, 1]), of
+        each image's lαβ mean and standard deviation: the training patches' typical stain."""
+        means, stds = zip(*(map(np.asarray, cls.image_stats(batch)) for batch in batches))
+        return cls(np.concatenate(means).mean(0), np.concatenate(stds).mean(0), **kwargs)
+
+    def call(self, x):
+        lab = self.to_lab(x)
+        mean = ops.mean(lab, axis=(1, 2), keepdims=True)
+        std = ops.std(lab, axis=(1, 2), keepdims=True)
+        target_mean = ops.convert_to_tensor(self.target_mean, "float32")
+        target_std = ops.convert_to_tensor(self.target_std, "float32")
+        return self.from_lab((lab - mean) / (std + 1e-4) * target_std + target_mean)
+
+    def describe(self) -> str:
+        return ("reinhard mean " + ",".join(f"{v:.4f}" for v in self.target_mean)
+                + " std " + ",".join(f"{v:.4f}" for v in self.target_std))
+
+    def get_config(self):
+        return {**super().get_config(), "target_mean": self.target_mean, "target_std": self.target_std}
 
 
 def load_keras_model(path: Path, external_trunk: bool = False):

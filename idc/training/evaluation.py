@@ -167,12 +167,16 @@ def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown
 
 def feature_extractor(model):
     """The trained model's trunk: the sub-model whose output the head takes (named "trunk" by build_trunk; a
-    custom trunk keeps its own name), not the patch CNN beside it."""
+    custom trunk keeps its own name), not the patch CNN beside it; behind the stain normaliser, if any."""
     import keras
 
+    from idc.training.model import with_normalizer
+
     width = model.get_layer("head").input_shape[-1]
-    return next(layer for layer in model.layers
-                if isinstance(layer, keras.Model) and layer.name != "head" and layer.output_shape[-1] == width)
+    trunk = next(layer for layer in model.layers
+                 if isinstance(layer, keras.Model) and layer.name != "head" and layer.output_shape[-1] == width)
+    normalizer = next((layer for layer in model.layers if layer.name == "stain_normalization"), None)
+    return with_normalizer(trunk, normalizer)
 
 
 def _tradeoff(model) -> list[dict] | None:

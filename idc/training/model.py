@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 
 from idc.core.errors import WeightsError
-from idc.core.keras_model import DihedralView, MeanStdPooling
+from idc.core.keras_model import DihedralView, MeanStdPooling, ReinhardNormalization
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,32 @@ def build_patch_cnn(image_size: int, l2: float = 1e-4):
     return keras.Model(inputs, outputs, name="patch_cnn")
 
 
-def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=None):
+def fit_stain_normalizer(method: str, batches) -> ReinhardNormalization | None:
+    """The stain normaliser `method` ("none" or "reinhard") fitted on `batches` (the training images, in
+    [-1, 1]); None for "none"."""
+    if method == "none":
+        return None
+    return ReinhardNormalization.fit(batches, name="stain_normalization")
+
+
+def with_normalizer(model, normalizer):
+    """`model` with the stain normaliser in front (`model` itself when there is none), for the training
+    steps that feed it images: the bottleneck extraction, fine-tuning and the patch CNN."""
+    if normalizer is None:
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model(inputs, model(normalizer(inputs)), name=f"normalized_{model.name}")
+
+
+def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=None, normalizer=None):
     """Trunk + head (and the patch CNN, if any) as one model: image in [-1, 1] -> [P(no IDC), P(IDC)].
 
     With `patch_cnn`, the answer is the mean of the head's and the patch CNN's. With `tta_views`, it is
     the mean over those views of the image (test-time augmentation): steadier on patches whose evidence
-    sits at an edge, at a cost in speed."""
+    sits at an edge, at a cost in speed. With `normalizer` (fit_stain_normalizer), the image is
+    stain-normalised first, once: its statistics do not change with the view."""
     inputs = keras.Input(trunk.input_shape[1:], name="image")
+    image = inputs if normalizer is None else normalizer(inputs)
 
     def answer(image, suffix: str):
         transfer = head(trunk(image))
@@ -182,6 +201,6 @@ def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=Non
         return keras.layers.Average(name=f"ensemble{suffix}")([transfer, patch_cnn(image)])
 
     if len(tta_views) <= 1:
-        return keras.Model(inputs, answer(inputs, ""), name="DevCloudIDC")
-    answers = [answer(DihedralView(view, name=f"view_{view}")(inputs), f"_{view}") for view in tta_views]
+        return keras.Model(inputs, answer(image, ""), name="DevCloudIDC")
+    answers = [answer(DihedralView(view, name=f"view_{view}")(image), f"_{view}") for view in tta_views]
     return keras.Model(inputs, keras.layers.Average(name="tta_mean")(answers), name="DevCloudIDC")

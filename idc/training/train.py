@@ -26,7 +26,8 @@ from idc.training import augment, bottleneck, calibration, data, distributed
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
 from idc.core.errors import DatasetError
-from idc.training.model import build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights
+from idc.training.model import (build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights,
+                                fit_stain_normalizer, with_normalizer)
 from idc.core.preprocessing import decode_image, load_batch, preprocess
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,11 @@ def fine_tune(config: Config, classifier, trunk, train: list[data.Patch], valida
     return history
 
 
-def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[data.Patch]):
+def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[data.Patch], normalizer=None):
     """Train the patch CNN (model.build_patch_cnn) from scratch on flipped, rotated and re-stained patches
     (it learns colour from these patches alone, so it always sees stain jitter), with a cosine-decaying
-    learning rate over `patch_cnn_epochs`; the epoch of lowest validation loss is kept.
+    learning rate over `patch_cnn_epochs`; the epoch of lowest validation loss is kept. With a stain
+    `normalizer`, it trains on the normalised patches, as the exported model will feed it.
     Returns (patch_cnn, history)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
@@ -147,7 +149,7 @@ def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[da
     steps = settings.patch_cnn_epochs * max(1, len(train) // settings.batch_size)
     schedule = lambda: keras.optimizers.schedules.CosineDecay(settings.patch_cnn_learning_rate, steps, alpha=0.02)  # noqa: E731
     history, _ = distributed.fit(
-        cnn, train_data, val_data, optimizer=lambda: keras.optimizers.Adam(schedule()),
+        with_normalizer(cnn, normalizer), train_data, val_data, optimizer=lambda: keras.optimizers.Adam(schedule()),
         epochs=settings.patch_cnn_epochs, batch_size=settings.batch_size,
         class_weight=class_weights(train_data.labels) if settings.class_weighting else None, seed=settings.random_seed,
         patience=settings.early_stopping_patience, model_dir=config.model, phase="patch_cnn",
@@ -172,6 +174,13 @@ def train(config: Config, trunk=None) -> dict:
     weights_id = describe_weights(settings.weights) if trunk is None else f"custom:{trunk.name}"
     if trunk is None:
         trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layers, settings.pooling)
+    # Stain normalisation, when configured, is the model's first layer; the trunk's features (and so the
+    # cache's key) are those of the normalised images.
+    train_paths = [p.path for p in splits["train"]]
+    normalizer = fit_stain_normalizer(settings.stain_normalization, (
+        load_batch(train_paths[i:i + 512], settings.image_size) for i in range(0, len(train_paths), 512)))
+    extractor = with_normalizer(trunk, normalizer)
+    features_id = weights_id if normalizer is None else f"{weights_id}; {normalizer.describe()}"
     # Training sees every view of each patch (augmentation); validation the patch as it is.
     views = {"train": settings.train_views, "validation": ["identity"]}
     digests, caches = {}, {}
@@ -180,15 +189,15 @@ def train(config: Config, trunk=None) -> dict:
         digests[split] = [bottleneck.file_digest(path) for path in paths]
         for view in views[split]:
             described = augment.describe_view(view, settings.stain_jitter, settings.random_seed)
-            key = bottleneck.trunk_key(weights_id, settings.feature_layers, settings.pooling,
+            key = bottleneck.trunk_key(features_id, settings.feature_layers, settings.pooling,
                                        settings.image_size, described)
             cache = bottleneck.BottleneckCache(model.bottlenecks, key, view=view, stain_jitter=settings.stain_jitter,
                                                seed=settings.random_seed, worker=me.rank, workers=me.workers,
                                                description={
-                "weights": weights_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
+                "weights": features_id, "feature_layers": settings.feature_layers, "pooling": settings.pooling,
                 "image_size": settings.image_size, "view": described})
             # Each worker computes its share of every view first, then waits for the others' shares (below).
-            cache.compute(paths, trunk, settings.batch_size, settings.image_size, digests[split])
+            cache.compute(paths, extractor, settings.batch_size, settings.image_size, digests[split])
             caches[split, view] = cache
     features, labels, cache_stats = {}, {}, {}
     for split, patches in splits.items():
@@ -208,7 +217,7 @@ def train(config: Config, trunk=None) -> dict:
 
     head, history, first_epoch = train_head(config, features["train"], labels["train"],
                                             features["validation"], labels["validation"])
-    classifier = build_classifier(trunk, head)
+    classifier = build_classifier(trunk, head, normalizer=normalizer)
     fine_tune_history = None
     if settings.fine_tune_blocks > 0:
         fine_tune_history = fine_tune(config, classifier, trunk, splits["train"], splits["validation"])
@@ -216,12 +225,12 @@ def train(config: Config, trunk=None) -> dict:
         model.history("fine_tune").unlink(missing_ok=True)
     patch_cnn = patch_cnn_history = None
     if settings.patch_cnn_epochs > 0:
-        patch_cnn, patch_cnn_history = train_patch_cnn(config, splits["train"], splits["validation"])
+        patch_cnn, patch_cnn_history = train_patch_cnn(config, splits["train"], splits["validation"], normalizer)
     elif me.chief:
         model.history("patch_cnn").unlink(missing_ok=True)
     if settings.test_time_augmentation or patch_cnn is not None:
         classifier = build_classifier(trunk, head, settings.tta_views if settings.test_time_augmentation else (),
-                                      patch_cnn)
+                                      patch_cnn, normalizer)
 
     rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
                                "slide_context": None, "threshold_source": "confs.json"}, None
@@ -237,6 +246,8 @@ def train(config: Config, trunk=None) -> dict:
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
             train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
             patch_cnn=patch_cnn is not None,
+            stain_normalization=normalizer and {"method": settings.stain_normalization,
+                                                "target_mean": normalizer.target_mean, "target_std": normalizer.target_std},
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
         bundle.save(model.root)
     record = {
