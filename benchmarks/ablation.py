@@ -10,7 +10,7 @@ evaluated on the validation and the test patients (`evaluate.py`). Choose betwee
 VALIDATION figures; the test figures are reported, not used to choose.
 
   python trainer.py sort ...    # once: the split every variant shares
-  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn reinhard
+  python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn reinhard strong_stain
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
 # The settings every variant starts from: frozen features, flips and rotations, test-time averaging.
 BASE = {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0, "patch_cnn_epochs": 0}
+# Stain jitter strengths, named so that each row keeps the ones it was measured with.
+MILD_STAIN = {"stain_jitter": {"hed": 0.05, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1}}
+STRONG_STAIN = {"stain_jitter": {"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}}
 # name -> (what it adds, ClassifierSettings changes); each builds on the one before it
 VARIANTS = {
     "head": ("new softmax layer on frozen mixed0+mixed1 features, one view",
@@ -35,16 +38,18 @@ VARIANTS = {
     "views": ("+ flipped and rotated copies in training", {**BASE, "test_time_augmentation": False}),
     "tta": ("+ test-time averaging over the 4 views", BASE),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
-              {**BASE, "train_views": [*DIHEDRAL, "stain1", "stain2"]}),
+              {**BASE, **MILD_STAIN, "train_views": [*DIHEDRAL, "stain1", "stain2"]}),
     "mixed2": ("tta, with mixed2's features added to mixed0's and mixed1's",
                {**BASE, "feature_layers": ["mixed0", "mixed1", "mixed2"]}),
     "fine_tune": ("tta + fine-tuning mixed0 and mixed1 end to end (flips, rotations)", {**BASE, "fine_tune_blocks": 2}),
     "fine_tune_stain": ("tta + fine-tuning with flips, rotations and stain jitter",
-                        {**BASE, "train_views": [*DIHEDRAL, "stain1"], "fine_tune_blocks": 2}),
-    "patch_cnn": ("tta, averaged with a patch CNN trained from scratch (16 epochs): the default",
-                  {**BASE, "patch_cnn_epochs": 16}),
+                        {**BASE, **MILD_STAIN, "train_views": [*DIHEDRAL, "stain1"], "fine_tune_blocks": 2}),
+    "patch_cnn": ("tta, averaged with a patch CNN trained from scratch (16 epochs, mild stain jitter)",
+                  {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16}),
     "reinhard": ("patch_cnn, on Reinhard stain-normalised images (the model's first layer)",
-                 {**BASE, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
+                 {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
+    "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2): the default",
+                     {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
 }
 
 

@@ -248,8 +248,9 @@ def train(config: Config, trunk=None) -> dict:
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
             train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
             patch_cnn=patch_cnn is not None,
-            stain_normalization=normalizer and {"method": settings.stain_normalization,
-                                                "target_mean": normalizer.target_mean, "target_std": normalizer.target_std},
+            stain_normalization=None if normalizer is None else {
+                "method": settings.stain_normalization, "target_mean": normalizer.target_mean,
+                "target_std": normalizer.target_std},
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
         bundle.save(model.root)
     record = {
