@@ -211,6 +211,6 @@ def test_training_with_stain_normalisation_puts_it_in_the_model_and_every_ir(tmp
     np.testing.assert_allclose(np.asarray(feature_extractor(model)(batch)), np.asarray(trunk(normalised)), atol=1e-6)
     described = [json.loads(f.read_text())["weights"] for f in (config.model_dir / "bottlenecks").glob("*/trunk.json")]
     assert len(described) == 2 and all(d.startswith("custom:tiny_trunk; reinhard mean ") for d in described)
-    assert 0 <= evaluate(config, split="test", echo=lambda *_: None)["balanced_accuracy"] <= 1
+    assert evaluate(config, split="test", echo=lambda *_: None)["patches"] == len(config.model.read_manifest("test"))
     compile_ir(config, ["FP32"])
     assert check_parity(config, ["FP32"], echo=lambda *_: None)["FP32"]["max_abs_diff"] < 1e-4
