@@ -75,6 +75,7 @@ class MeanStdPooling(keras.layers.Layer):
 # the three channels are nearly decorrelated, so each can be standardised on its own.
 _RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
 _LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
+_LAB_TO_LOG_LMS, _LMS_TO_RGB = np.linalg.inv(_LOG_LMS_TO_LAB), np.linalg.inv(_RGB_TO_LMS)
 _LN10 = float(np.log(10.0))
 
 
@@ -101,8 +102,8 @@ class ReinhardNormalization(keras.layers.Layer):
 
     @staticmethod
     def from_lab(lab):
-        log_lms = ops.matmul(lab, ops.convert_to_tensor(np.linalg.inv(_LOG_LMS_TO_LAB).T, "float32"))
-        rgb = ops.matmul(ops.exp(log_lms * _LN10), ops.convert_to_tensor(np.linalg.inv(_RGB_TO_LMS).T, "float32"))
+        log_lms = ops.matmul(lab, ops.convert_to_tensor(_LAB_TO_LOG_LMS.T, "float32"))
+        rgb = ops.matmul(ops.exp(log_lms * _LN10), ops.convert_to_tensor(_LMS_TO_RGB.T, "float32"))
         return ops.clip(rgb, 0.0, 1.0) * 2.0 - 1.0
 
     @classmethod

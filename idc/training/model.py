@@ -19,6 +19,7 @@ import keras
 
 from idc.core.errors import WeightsError
 from idc.core.keras_model import DihedralView, MeanStdPooling, ReinhardNormalization
+from idc.core.preprocessing import load_batch
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,12 @@ def build_patch_cnn(image_size: int, l2: float = 1e-4):
     return keras.Model(inputs, outputs, name="patch_cnn")
 
 
-def fit_stain_normalizer(method: str, batches) -> ReinhardNormalization | None:
-    """The stain normaliser `method` ("none" or "reinhard") fitted on `batches` (the training images, in
-    [-1, 1]); None for "none"."""
+def fit_stain_normalizer(method: str, paths: list, image_size: int, batch: int = 512) -> ReinhardNormalization | None:
+    """The stain normaliser `method` ("none" or "reinhard") fitted on the training images at `paths`
+    (read in batches, at the model's input size); None for "none", which reads nothing."""
     if method == "none":
         return None
+    batches = (load_batch(paths[i:i + batch], image_size) for i in range(0, len(paths), batch))
     return ReinhardNormalization.fit(batches, name="stain_normalization")
 
 

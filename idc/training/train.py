@@ -176,11 +176,11 @@ def train(config: Config, trunk=None) -> dict:
         trunk = build_trunk(settings.weights, settings.image_size, settings.feature_layers, settings.pooling)
     # Stain normalisation, when configured, is the model's first layer; the trunk's features (and so the
     # cache's key) are those of the normalised images.
-    train_paths = [p.path for p in splits["train"]]
-    normalizer = fit_stain_normalizer(settings.stain_normalization, (
-        load_batch(train_paths[i:i + 512], settings.image_size) for i in range(0, len(train_paths), 512)))
+    normalizer = fit_stain_normalizer(settings.stain_normalization, [p.path for p in splits["train"]],
+                                      settings.image_size)
     if normalizer is not None:
-        log.info("stain normalisation: %s (fitted on %d training patches)", normalizer.describe(), len(train_paths))
+        log.info("stain normalisation: %s (fitted on %d training patches)", normalizer.describe(),
+                 len(splits["train"]))
     extractor = with_normalizer(trunk, normalizer)
     features_id = weights_id if normalizer is None else f"{weights_id}; {normalizer.describe()}"
     # Training sees every view of each patch (augmentation); validation the patch as it is.
