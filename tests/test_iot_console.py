@@ -70,9 +70,10 @@ def run(*args, timeout=120):
 
 
 def test_inception_test_has_its_own_identity_and_leaves_the_servers_status_online(project, server, mosquitto):
+    # The server has connected before the probe listens, so all the probe sees of it is retained.
+    assert wait_retained(mosquitto, f"{SERVER}/Status", b"ONLINE")
     probe = Probe(mosquitto, ["IDC/Devices/#"])
     try:
-        assert wait_retained(mosquitto, f"{SERVER}/Status", b"ONLINE")
         run(ROOT / "inception_test.py", "--config", project.path, "--precision", "FP16")
         # The server's Status was never touched; the tester said goodbye on its own Status.
         assert wait_retained(mosquitto, f"{SERVER}/Status", b"ONLINE")

@@ -31,6 +31,13 @@ def devices(mosquitto, make_config, mock_pins):
     publisher = ResultPublisher(config).start()
     alarm = Alarm(config).start()
     assert publisher.connection.wait_connected(5) and alarm.connection.wait_connected(5)
+    # Connected is not yet announced: the configs may still be on their way to the broker. A first probe
+    # that has seen all five (live or retained) proves the broker has stored them.
+    settle = Probe(mosquitto, ["homeassistant/#"])
+    try:
+        assert wait_until(lambda: len({t for t, _, _ in settle.messages}) == 5, 5), settle.messages
+    finally:
+        settle.close()
     yield config, publisher, alarm
     alarm.close()
     publisher.stop()
