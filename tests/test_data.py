@@ -97,6 +97,7 @@ def test_patch_in_a_folder_other_than_0_or_1_is_listed(tmp_path):
     assert sum(c[0] + c[1] for c in report.counts.values()) == 4 * 6
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own notice; the sort reports it
 def test_huge_image_named_like_a_patch_is_skipped(tmp_path):
     huge = lambda raw: Image.new("RGB", (5000, 5000)).save(raw / "9001" / "1" / "9001_idx5_x0_y999_class1.png")
     raw, report, why = _sort_odd(tmp_path, huge)
