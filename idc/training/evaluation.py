@@ -170,12 +170,13 @@ def feature_extractor(model):
     custom trunk keeps its own name), not the patch CNN beside it; behind the stain normaliser, if any."""
     import keras
 
+    from idc.core.keras_model import ReinhardNormalization
     from idc.training.model import with_normalizer
 
     width = model.get_layer("head").input_shape[-1]
     trunk = next(layer for layer in model.layers
                  if isinstance(layer, keras.Model) and layer.name != "head" and layer.output_shape[-1] == width)
-    normalizer = next((layer for layer in model.layers if layer.name == "stain_normalization"), None)
+    normalizer = next((layer for layer in model.layers if isinstance(layer, ReinhardNormalization)), None)
     return with_normalizer(trunk, normalizer)
 
 
