@@ -27,10 +27,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from idc.core.files import find_images
+from idc.core.files import FORMAT_NAMES, find_images, mime_type
 
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
-                 ".tif": "image/tiff", ".tiff": "image/tiff"}
 INFER = "/api/infer"
 
 
@@ -154,7 +152,7 @@ def main(argv=None) -> int:
     images = find_images(args.images) if args.images else [config.model_dir / "test" / n
                                                        for n in ("positive.png", "negative.png")]
     if not images:
-        print(f"error: no images found in {', '.join(args.images)} (PNG, JPEG, BMP or TIFF files)",
+        print(f"error: no images found in {', '.join(args.images)} ({FORMAT_NAMES} files)",
               file=sys.stderr)
         return 2
     # The 2018 client's start-up lines (../shared/docs/ARTICLE-OUTPUT.md), once the arguments are good.
@@ -181,7 +179,7 @@ def main(argv=None) -> int:
                 continue
             print(f"-- Sent {path} ({len(data)} bytes) to {url}")
             sent += 1
-            content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+            content_type = mime_type(path)
             try:
                 response = post_image(session, url, data, content_type, headers,
                                       args.timeout, args.retries, args.backoff)

@@ -35,7 +35,7 @@ def main() -> int:
     from idc.core.files import find_images
     from idc.edge import console
     from idc.edge.engine import load_classifier
-    from idc.iot.mqtt import ResultPublisher
+    from idc.iot.publisher import ResultPublisher
 
     classifier = load_classifier(config, "keras" if args.keras else args.precision, args.threshold, args.review_band)
     described = classifier.describe()

@@ -5,7 +5,7 @@
   python server.py --host 0.0.0.0 --port 8080 --precision INT8
 
 Serves with waitress (HTTPS with werkzeug's threaded server when Server.tls_cert/tls_key are set;
-see idc/edge/api.py), publishes every result over MQTT when IoTJumpWay.enabled, stops cleanly on
+see idc/edge/web/serving.py), publishes every result over MQTT when IoTJumpWay.enabled, stops cleanly on
 Ctrl-C or SIGTERM. Serving an IR needs no TensorFlow. The model is loaded and warmed up (a first
 inference on every infer request) before the port is opened, so the first requests never race
 the engine's initialisation.
@@ -53,9 +53,10 @@ def main() -> int:
     if overrides:
         config = with_overrides(config, "Server", **overrides)
     from idc.edge import console
-    from idc.edge.api import create_app, serve
+    from idc.edge.web.app import create_app
+    from idc.edge.web.serving import serve
     from idc.edge.engine import load_classifier
-    from idc.iot.mqtt import ResultPublisher
+    from idc.iot.publisher import ResultPublisher
 
     classifier = load_classifier(config, "keras" if args.keras else args.precision, args.threshold, args.review_band)
     described = classifier.describe()

@@ -128,13 +128,13 @@ def tiny_classifier(tiny_project):
 @pytest.fixture
 def live_server():
     """live_server(app, config) -> "http://127.0.0.1:<port>": `app` on a real waitress server (the
-    production settings of idc.edge.api.create_waitress_server) at a free port, run in a thread and
+    production settings of idc.edge.web.serving.create_waitress_server) at a free port, run in a thread and
     shut down (threads joined, port closed) after the test."""
     import threading
 
     from waitress import wasyncore
 
-    from idc.edge.api import create_waitress_server
+    from idc.edge.web.serving import create_waitress_server
 
     running = []
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from idc.iot.alarm import IDC, IDLE, NO_IDC, REVIEW, Alarm
-from idc.iot.mqtt import OFFLINE, ONLINE, ResultPublisher, encode, sensors_payload, warnings_payload
+from idc.iot.mqtt import OFFLINE, ONLINE, encode, sensors_payload, warnings_payload
+from idc.iot.publisher import ResultPublisher
 from tests.mosquitto import Probe, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

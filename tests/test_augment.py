@@ -156,7 +156,7 @@ def restained(image: np.ndarray, cast) -> np.ndarray:
 
 
 def test_reinhard_normalisation_maps_each_image_to_the_target_stain():
-    from idc.core.keras_model import ReinhardNormalization, view_array
+    from idc.keras_model import ReinhardNormalization, view_array
     from idc.core.preprocessing import preprocess
 
     rng = np.random.default_rng(0)
@@ -187,7 +187,7 @@ def test_reinhard_normalisation_maps_each_image_to_the_target_stain():
 
 def test_training_with_stain_normalisation_puts_it_in_the_model_and_every_ir(tmp_path):
     from idc.core.bundle import Bundle
-    from idc.core.keras_model import load_keras_model, view_array
+    from idc.keras_model import load_keras_model, view_array
     from idc.edge.compile import check_parity, compile_ir
     from idc.training import data
     from idc.training.evaluation import feature_extractor

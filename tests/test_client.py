@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from idc.edge.api import create_app
+from idc.edge.web.app import create_app
 from tests.conftest import ROOT
 from tests.mosquitto import free_port
 

@@ -15,7 +15,7 @@ import pytest
 
 from idc.core.config import load_config
 from idc.core.errors import ClusterError
-from idc.core.keras_model import load_keras_model
+from idc.keras_model import load_keras_model
 from idc.training import bottleneck, data, distributed
 from idc.training.train import train
 from tests.conftest import ROOT

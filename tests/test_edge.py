@@ -9,7 +9,7 @@ import pytest
 
 from idc.core.config import with_overrides
 from idc.core.errors import DeviceError, ImageError
-from idc.core.keras_model import load_keras_model
+from idc.keras_model import load_keras_model
 from idc.core.preprocessing import load_batch
 from idc.edge.compile import check_parity, compile_ir
 from idc.edge.engine import KerasClassifier, OpenVINOClassifier, load_classifier

@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from idc.iot.alarm import IDC, IDLE, NO_IDC, Alarm
-from idc.edge.api import create_app
-from idc.iot.mqtt import ONLINE, ResultPublisher, device_topic
+from idc.edge.web.app import create_app
+from idc.iot.mqtt import ONLINE, device_topic
+from idc.iot.publisher import ResultPublisher
 from tests.conftest import ROOT
 from tests.mosquitto import Probe, wait_until
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from idc.iot.alarm import IDC, Alarm
-from idc.iot.mqtt import DeviceConnection, ResultPublisher, encode, sensors_payload
+from idc.iot.mqtt import DeviceConnection, encode, sensors_payload
+from idc.iot.publisher import ResultPublisher
 from tests.mosquitto import EXAMPLE_ACL, TEST_USERS, Probe, wait_until
 
 SERVER, ALARM = "IDC/Devices/Lab/EdgeServer", "IDC/Devices/Lab/IoTAlarm"

@@ -9,7 +9,7 @@ import jinja2
 import pytest
 
 from idc.iot.alarm import Alarm
-from idc.iot.mqtt import ResultPublisher
+from idc.iot.publisher import ResultPublisher
 from tests.mosquitto import Probe, wait_until
 
 CONFIG_TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor)/([A-Za-z0-9_-]+)/([A-Za-z0-9_-]+)/config$")

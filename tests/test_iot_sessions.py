@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from idc.edge.api import create_app
+from idc.edge.web.app import create_app
 from idc.iot.alarm import IDC, REVIEW, Alarm, mock_pin_factory
-from idc.iot.mqtt import ResultPublisher, client_id
+from idc.iot.mqtt import client_id
+from idc.iot.publisher import ResultPublisher
 from tests.mosquitto import Probe, wait_until
 
 SENSORS = "IDC/Devices/Lab/EdgeServer/Sensors"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from idc.core.errors import ConfigError
+from idc.iot.publisher import ResultPublisher
 from idc.iot.mqtt import (
     OFFLINE,
     ONLINE,
     DeviceConnection,
-    ResultPublisher,
     device_topic,
     result_messages,
     sensors_payload,

@@ -1,4 +1,4 @@
-"""The review station's API (idc.edge.review, batch, metrics, identity): Flask's test client, real
+"""The review station's API (idc.edge.web: review, batch, metrics; idc.edge.identity): Flask's test client, real
 SQLite files, real processes writing at once. The browser tests are in test_review_browser.py."""
 
 import base64
@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from idc.core.config import load_config
 from idc.core.errors import ConfigError, ReviewExportError
 from idc.core.review_export import read_csv
-from idc.edge.api import create_app
-from idc.edge.review import QueueEntry, ReviewStore
+from idc.edge.web.app import create_app
+from idc.edge.web.store import QueueEntry, ReviewStore
 from tests.conftest import ROOT
 from tests.synthetic import make_dataset
 from tests.test_server import CONTRACT, FakePublisher, assert_answer, assert_failed, image_bytes, multipart
@@ -236,7 +236,7 @@ def test_the_queue_survives_a_new_app_on_the_same_file(station, flagging_classif
 
 WRITER = """
 import sys
-from idc.edge.review import QueueEntry, ReviewStore
+from idc.edge.web.store import QueueEntry, ReviewStore
 store, worker = ReviewStore(sys.argv[1]), int(sys.argv[2])
 for i in range(50):
     [item] = store.add([QueueEntry(f"{worker}-{i}".encode(), "PNG", 0.5, 0, True, f"w{worker}_{i}.png")])
@@ -279,7 +279,7 @@ def test_a_corrupt_database_is_a_clear_503_and_classification_goes_on(station, f
 def test_a_locked_database_is_a_503_with_retry_after(station, images, tmp_path):
     client = station()
     client.get("/api/review/queue")  # creates the file
-    client.application.extensions["idc_review"].timeout = 0.2
+    client.application.extensions["idc"].review.timeout = 0.2
     holder = sqlite3.connect(tmp_path / "review.sqlite3", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -394,7 +394,7 @@ def test_review_station_config_is_validated(make_config, changes, says):
 
 
 def test_default_review_db_is_in_the_model_directory():
-    from idc.edge.review import review_db_path
+    from idc.edge.web.store import review_db_path
 
     config = load_config()
     assert config.Server.review_db is None and review_db_path(config) == config.model_dir / "review.sqlite3"

@@ -1,4 +1,4 @@
-"""The HTTP API (idc.edge.api, server.py): Flask's test client, and real waitress servers on 127.0.0.1."""
+"""The HTTP API (idc.edge.web, server.py): Flask's test client, and real waitress servers on 127.0.0.1."""
 
 import io
 import json
@@ -20,8 +20,10 @@ import pytest
 import requests
 from PIL import Image
 
-from idc.edge.api import UploadArchive, create_app, create_tls_server
-from idc.iot.mqtt import ResultPublisher
+from idc.edge.web.app import create_app
+from idc.edge.web.archive import UploadArchive
+from idc.edge.web.serving import create_tls_server
+from idc.iot.publisher import ResultPublisher
 from tests.conftest import ROOT
 from tests.mosquitto import Probe, free_port, wait_until
 
@@ -391,10 +393,10 @@ def test_health_reports_model_mqtt_and_counters(app_for, images):
 
 
 def test_one_log_line_per_request(client, images, caplog):
-    caplog.set_level(logging.INFO, logger="idc.edge.api")
+    caplog.set_level(logging.INFO, logger="idc.edge.web.app")
     post(client, images["positive"])
     post(client, b"nope")
-    lines = [r.getMessage() for r in caplog.records if r.name == "idc.edge.api"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "idc.edge.web.app"]
     assert len(lines) == 2, lines
     assert f"POST /api/infer 200 bytes={len(images['positive'])} result=1 p=" in lines[0]
     assert "latency_ms=" in lines[0] and "POST /api/infer 400 bytes=4 error=" in lines[1]

@@ -99,7 +99,7 @@ def test_fine_tune_phase_runs_and_exports(tmp_path):
 
 def test_patch_cnn_is_trained_and_averaged_with_the_head(tmp_path):
     from idc.core.bundle import Bundle
-    from idc.core.keras_model import load_keras_model, view_array
+    from idc.keras_model import load_keras_model, view_array
     from idc.core.preprocessing import load_batch
 
     make_dataset(tmp_path / "raw", patients=5, per_class=6)
@@ -144,7 +144,7 @@ def test_train_without_sorting_says_what_to_do(tmp_path):
 
 
 def test_views_match_between_numpy_and_the_model():
-    from idc.core.keras_model import VIEWS, DihedralView, view_array
+    from idc.keras_model import VIEWS, DihedralView, view_array
 
     batch = np.random.default_rng(0).random((2, 5, 5, 3)).astype(np.float32)
     for view in VIEWS:
@@ -153,8 +153,8 @@ def test_views_match_between_numpy_and_the_model():
 
 
 def test_tta_model_averages_the_views(trained):
-    from idc.core.keras_model import load_keras_model
-    from idc.core.keras_model import view_array
+    from idc.keras_model import load_keras_model
+    from idc.keras_model import view_array
 
     config, _ = trained
     model = load_keras_model(config.model.keras_model)

@@ -128,6 +128,11 @@ class ModelDir:
     def bottlenecks(self) -> Path:
         return self.root / "bottlenecks"
 
+    @property
+    def review_db(self) -> Path:
+        """The review station's queue (SQLite), unless Server.review_db puts it elsewhere."""
+        return self.root / "review.sqlite3"
+
     def read_manifest(self, split: str | None = None) -> list[Patch]:
         """The sorted patches (of one split, or all), as Patches pointing at the sorted copies."""
         if not self.manifest.exists():
@@ -140,6 +145,14 @@ class ModelDir:
         """SHA-1 of what the model was trained on: each patch's split, patient, name and label."""
         rows = sorted((split, p.patient, p.path.name, p.label) for split in splits for p in self.read_manifest(split))
         return hashlib.sha1(json.dumps(rows).encode()).hexdigest()
+
+
+def served_files(model_file: str | Path) -> list[Path]:
+    """The files a served model is made of: an IR's .xml and .bin, or a Keras file, with the model.json
+    beside it (what the edge server hashes as the model's identity)."""
+    model_file = Path(model_file)
+    weights = [model_file.with_suffix(".bin")] if model_file.suffix == ".xml" else []
+    return [model_file, *weights, model_file.parent / BUNDLE_FILE]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,25 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+class ImageFormat(NamedTuple):
+    extension: str  # the one written for it (archive, training split)
+    mime: str
+    suffixes: tuple[str, ...]  # file name suffixes read as this format
+
+
+# THE accepted image formats (Pillow's names): decoding refuses any other, and the server, the
+# client, the archive and the review station read extensions and MIME types from here.
+IMAGE_FORMATS = {
+    "PNG": ImageFormat("png", "image/png", (".png",)),
+    "JPEG": ImageFormat("jpg", "image/jpeg", (".jpg", ".jpeg")),
+    "BMP": ImageFormat("bmp", "image/bmp", (".bmp",)),
+    "TIFF": ImageFormat("tif", "image/tiff", (".tif", ".tiff")),
+}
+FORMAT_NAMES = "PNG, JPEG, BMP or TIFF"
+IMAGE_SUFFIXES = {suffix: name for name, spec in IMAGE_FORMATS.items() for suffix in spec.suffixes}
 
 
 def find_images(paths: list[str | Path]) -> list[Path]:
@@ -21,6 +38,12 @@ def find_images(paths: list[str | Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def mime_type(path: str | Path) -> str:
+    """The MIME type of an image file, from its suffix (application/octet-stream if not an image's)."""
+    name = IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    return IMAGE_FORMATS[name].mime if name else "application/octet-stream"
 
 
 @contextmanager

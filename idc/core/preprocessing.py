@@ -13,9 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from idc.core.errors import ImageError, ImageTooLargeError, UnsupportedImageError
-
-# Formats a histology patch plausibly arrives in; anything else is refused before decoding.
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})
+from idc.core.files import FORMAT_NAMES, IMAGE_FORMATS
 # Slide background is white: short edge patches are padded with it, not stretched.
 PAD_VALUE = 255
 
@@ -35,8 +33,8 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
         raise ImageError("empty file: no image data")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ALLOWED_FORMATS:
-                raise UnsupportedImageError(f"unsupported image format {image.format}; use PNG, JPEG, BMP or TIFF")
+            if image.format not in IMAGE_FORMATS:  # refused before decoding
+                raise UnsupportedImageError(f"unsupported image format {image.format}; use {FORMAT_NAMES}")
             if max_side is not None and max(image.size) > max_side:
                 raise ImageTooLargeError(
                     f"image is {image.size[0]}x{image.size[1]} px; the limit is {max_side} px a side")
@@ -47,7 +45,7 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
         limit = f"; the limit is {max_side} px a side" if max_side else ""
         raise ImageTooLargeError(f"image too large, refused before decoding ({err}){limit}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image: send PNG or JPEG bytes") from None
+        raise ImageError(f"not an image: send {FORMAT_NAMES} bytes") from None
     except Exception as err:  # noqa: BLE001  decoders raise many types on hostile data: all mean corrupt
         raise ImageError(f"corrupt image data: {type(err).__name__}: {str(err)[:200]}") from None
 

@@ -23,7 +23,7 @@ from idc.core import cli
 from idc.core.bundle import PRECISIONS, Bundle, Patch
 from idc.core.config import Config, with_overrides
 from idc.core.errors import DatasetError, ParityError
-from idc.core.keras_model import load_keras_model
+from idc.keras_model import load_keras_model
 from idc.core.metrics import classification_metrics
 from idc.core.preprocessing import decode_image, preprocess
 from idc.edge.engine import KerasClassifier, OpenVINOClassifier, check_device

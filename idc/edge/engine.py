@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from PIL import Image
 from idc.core.bundle import Bundle
 from idc.core.config import Config
 from idc.core.errors import DeviceError, ModelNotFoundError
-from idc.core.metrics import decide
+from idc.core import metrics
 from idc.core.preprocessing import decode_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,24 @@ class Classifier:
         """P(IDC) for decoded RGB uint8 images (any number: one batch)."""
         return self._infer(preprocess(images, self.image_size))
 
+    def decide(self, p_idc: float, seconds: float = 0.0) -> Prediction:
+        """The decision rule on one P(IDC)."""
+        label, review = metrics.decide(p_idc, self.threshold, self.review_band)
+        return Prediction(float(p_idc), int(label), bool(review), seconds)
+
+    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Decoded images -> one Prediction each, in one inference call; `seconds` is each image's
+        share of it."""
+        started = time.perf_counter()
+        probabilities = self.probabilities(images)
+        share = (time.perf_counter() - started) / max(len(images), 1)
+        return [self.decide(float(p), share) for p in probabilities]
+
     def classify(self, source: bytes | str | Path) -> Prediction:
         """Decode (bytes or a file), preprocess, infer, decide. Raises ImageError on bad input."""
         started = time.perf_counter()
-        p = float(self.probabilities([decode_image(source, self.max_side)])[0])
-        label, review = decide(p, self.threshold, self.review_band)
-        return Prediction(p, int(label), bool(review), time.perf_counter() - started)
+        (prediction,) = self.predict([decode_image(source, self.max_side)])
+        return replace(prediction, seconds=time.perf_counter() - started)
 
     def warm_up(self, rounds: int = 1) -> None:
         """Decode, preprocess and classify a blank patch `rounds` times, in the calling thread."""
@@ -147,7 +159,7 @@ class KerasClassifier(Classifier):
 
     def __init__(self, path: Path, bundle: Bundle | None = None, max_side: int | None = None,
                  rule_source: str = "model bundle"):
-        from idc.core.keras_model import load_keras_model  # TensorFlow: only for this fallback
+        from idc.keras_model import load_keras_model  # TensorFlow: only for this fallback
 
         path = Path(path)
         bundle = bundle or Bundle.load(path.parent)

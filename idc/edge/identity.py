@@ -11,17 +11,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from idc.core.bundle import served_files
+
 
 def _files(classifier) -> list[Path]:
-    xml = getattr(classifier, "xml", None)
-    if xml is not None:
-        xml = Path(xml)
-        return [xml, xml.with_suffix(".bin"), xml.parent / "model.json"]
-    path = getattr(classifier, "path", None)
-    if path is not None:
-        path = Path(path)
-        return [path, path.parent / "model.json"]
-    return []
+    model_file = getattr(classifier, "xml", None) or getattr(classifier, "path", None)
+    return served_files(model_file) if model_file is not None else []
 
 
 def content_hash(files: list[Path]) -> str:

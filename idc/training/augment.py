@@ -16,7 +16,7 @@ import re
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
-from idc.core.keras_model import view_array
+from idc.keras_model import view_array
 from idc.core.preprocessing import preprocess
 
 STAIN_VIEW = re.compile(r"stain([1-9][0-9]*)")

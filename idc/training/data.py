@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from idc.core.bundle import MANIFEST_FIELDS, SPLITS, ModelDir, Patch, parse_patch_name
 from idc.core.errors import DatasetError, ImageError, ImageTooLargeError
+from idc.core.files import FORMAT_NAMES, IMAGE_FORMATS
 from idc.core.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
@@ -261,10 +262,10 @@ def _too_large(path: Path, err: ImageTooLargeError) -> str:
 
 
 def _unreadable(err: ImageError) -> str:
-    """decode_image words its errors for the HTTP API ("send PNG or JPEG bytes"): reword for a dataset."""
+    """decode_image words its errors for the HTTP API ("send PNG, ... bytes"): reword for a dataset."""
     message = str(err)
     if message.startswith("not an image"):
-        message = "not a PNG/JPEG image (corrupt or another format)"
+        message = f"not a {FORMAT_NAMES} image (corrupt or another format)"
     return f"unreadable: {message}"
 
 
@@ -281,9 +282,6 @@ def _write_examples(rows, model: ModelDir, seed: int) -> None:
         shutil.copyfile(model.root / rng.choice(candidates)[1], model.example(label))
 
 
-EXTRA_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
-
-
 def add_extra_labels(csv_path: str | Path, model: ModelDir) -> tuple[int, list[str]]:
     """Add the labelled patches of a review station export (idc.core.review_export) to the sorted training
     split: each image is written to train/<label>/review_<sha256[:12]>.<ext> and listed in the manifest.
@@ -298,7 +296,7 @@ def add_extra_labels(csv_path: str | Path, model: ModelDir) -> tuple[int, list[s
     added, left_out = [], []
     for patch in patches:
         patient = patch.patient or f"review-{patch.sha256[:12]}"
-        name = f"review_{patch.sha256[:12]}.{EXTRA_EXTENSIONS.get(patch.format, 'png')}"
+        name = f"review_{patch.sha256[:12]}.{IMAGE_FORMATS[patch.format].extension if patch.format in IMAGE_FORMATS else 'png'}"
         if patient in held_out:
             left_out.append(f"{csv_path} id {patch.id}: patient {patient} is a validation/test patient")
             continue

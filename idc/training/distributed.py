@@ -38,7 +38,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import keras
+from idc.core.cli import quiet_import
+
+quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-up noise out
+
+import keras  # noqa: E402
 import numpy as np
 import tensorflow as tf  # importing is fine before strategy(); running an op is not
 

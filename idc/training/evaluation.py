@@ -143,7 +143,7 @@ def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown
     if engine.backend == "keras":
         model = engine.model
     elif config.model.keras_model.exists():
-        from idc.core.keras_model import load_keras_model
+        from idc.keras_model import load_keras_model
 
         model = load_keras_model(config.model.keras_model, engine.bundle.external_trunk)
     else:
@@ -170,7 +170,7 @@ def feature_extractor(model):
     custom trunk keeps its own name), not the patch CNN beside it; behind the stain normaliser, if any."""
     import keras
 
-    from idc.core.keras_model import ReinhardNormalization
+    from idc.keras_model import ReinhardNormalization
     from idc.training.model import with_normalizer
 
     width = model.get_layer("head").input_shape[-1]

@@ -15,10 +15,14 @@ import hashlib
 import logging
 from pathlib import Path
 
-import keras
+from idc.core.cli import quiet_import
+
+quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-up noise out
+
+import keras  # noqa: E402
 
 from idc.core.errors import WeightsError
-from idc.core.keras_model import DihedralView, MeanStdPooling, ReinhardNormalization
+from idc.keras_model import DihedralView, MeanStdPooling, ReinhardNormalization
 from idc.core.preprocessing import load_batch
 
 log = logging.getLogger(__name__)

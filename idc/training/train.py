@@ -19,7 +19,11 @@ import platform
 import time
 from collections import Counter
 
-import keras
+from idc.core.cli import quiet_import
+
+quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-up noise out
+
+import keras  # noqa: E402
 import numpy as np
 
 from idc.training import augment, bottleneck, calibration, data, distributed

@@ -1,28 +1,13 @@
-"""The review station: the pages a pathologist uses, and the review queue they work through.
+"""The review queue in SQLite, without Flask (the pages and API over it: idc.edge.web.review).
 
-`ReviewStore` keeps the queue in SQLite (embedded, one file: `Server.review_db`, by default
+`ReviewStore` keeps the queue in one embedded file (`Server.review_db`, by default
 `review.sqlite3` in the model directory): every patch the model flags for review (and, with
 `Server.review_all_idc`, every IDC verdict) is stored with its image and verdict; a reviewer marks
 it agree / disagree / unsure with an optional note and name. It survives restarts; several
 processes may write to it at once (WAL journal, a busy timeout, one short transaction per write).
 A database that is corrupt, locked for longer than the busy timeout or unwritable raises
-ReviewStoreError with a message that says what to do; the API answers it with a JSON 503 (and
-Retry-After when locked), never a 500, and /api/infer keeps classifying meanwhile.
-
-Pages and endpoints (Blueprint `review_bp`)
-- `GET /`: drop patches, or a zip of a patient's patches, see verdicts and the slide mosaic.
-- `GET /review`: the queue. `POST /login` (form field `key`), `POST /logout`.
-- `GET /api/review/queue?status=pending|reviewed|all&limit=&offset=`: items (without images).
-- `GET /api/review/items/<id>/image`; `POST /api/review/items/<id>` with JSON
-  `{"decision": "agree"|"disagree"|"unsure", "note": str, "reviewer": str}`.
-- `GET /api/review/export.csv`: reviewed items as extra training data (idc.core.review_export).
-
-With Server.api_key set, the pages answer a key form (401) until the key is posted once; the
-browser then holds a session cookie (HttpOnly, SameSite=Strict, signed with a secret derived from
-the key, so changing the key ends every session). The key never goes into a URL. API clients send
-the key as for /api/infer (X-API-Key or Authorization: Bearer). A request authorised by the cookie
-alone that changes something must carry the header `X-IDC-Station: 1`, which a cross-site form
-cannot send.
+ReviewStoreError with a message that says what to do. `QueueWriter` queues single-image results
+from a background thread, so /api/infer never waits for SQLite.
 """
 
 from __future__ import annotations
@@ -30,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import hmac
-import io
 import logging
 import queue as queues
 import sqlite3
@@ -40,21 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request, session
-
 from idc.core.bundle import parse_patch_name
 from idc.core.config import Config
-from idc.core.errors import ApiError, ReviewStoreError
-from idc.core.review_export import DECISIONS, write_csv
-from idc.edge.api import ApiState
+from idc.core.errors import ReviewStoreError
+from idc.core.review_export import DECISIONS
 
 log = logging.getLogger(__name__)
 
-REVIEW_DB_NAME = "review.sqlite3"
-SESSION_HOURS = 12
-MAX_NOTE = 2000
-MAX_REVIEWER = 100
-MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "TIFF": "image/tiff"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -74,7 +49,7 @@ COLUMNS = ("id", "sha256", "name", "patient", "x", "y", "format", "p_idc", "labe
 def review_db_path(config: Config) -> Path:
     """Server.review_db, or review.sqlite3 in the model directory when it is null."""
     server = config.Server
-    return config.resolve(server.review_db) if server.review_db else config.model_dir / REVIEW_DB_NAME
+    return config.resolve(server.review_db) if server.review_db else config.model.review_db
 
 
 def utc_now() -> str:
@@ -92,6 +67,11 @@ class QueueEntry:
     needs_review: bool
     name: str | None = None  # the upload's file name, if any (only used to show and to read coordinates)
     model: str = ""
+
+    @property
+    def reason(self) -> str:
+        """Why it is queued: "review" (close to the threshold) or "idc" (Server.review_all_idc)."""
+        return "review" if self.needs_review else "idc"
 
 
 def wants_review(label: int, needs_review: bool, review_all_idc: bool) -> bool:
@@ -182,7 +162,7 @@ class ReviewStore:
 
     # --- the queue ---
 
-    def add(self, entries: list[QueueEntry], reason: str = "review") -> list[int]:
+    def add(self, entries: list[QueueEntry]) -> list[int]:
         """Queue patches (one transaction); a patch already stored (same bytes) is not added twice.
         Returns each entry's item id."""
         if not entries:
@@ -192,13 +172,12 @@ class ReviewStore:
             for entry in entries:
                 digest = hashlib.sha256(entry.image).hexdigest()
                 patch = parse_patch_name(Path(entry.name)) if entry.name else None
-                why = "review" if entry.needs_review else "idc"
                 conn.execute(
                     "INSERT INTO items (sha256, name, patient, x, y, format, image, p_idc, label, needs_review, "
                     "reason, model, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO NOTHING",
                     (digest, entry.name, patch.patient if patch else None, patch.x if patch else None,
                      patch.y if patch else None, entry.format, entry.image, float(entry.p_idc), int(entry.label),
-                     int(entry.needs_review), why, entry.model, now))
+                     int(entry.needs_review), entry.reason, entry.model, now))
                 ids.append(conn.execute("SELECT id FROM items WHERE sha256 = ?", (digest,)).fetchone()[0])
         return ids
 
@@ -302,237 +281,3 @@ class QueueWriter:
             finally:
                 for _ in entries:
                     self._queue.task_done()
-
-
-# --- the HTTP side ---
-
-review_bp = Blueprint("review", __name__, static_folder="web/static", static_url_path="/ui",
-                      template_folder="web/templates")
-
-
-def _state() -> ApiState:
-    return current_app.extensions["idc"]
-
-
-def _store() -> ReviewStore:
-    """The store, once the patches already answered by /api/infer are written (read your writes)."""
-    flush_writes()
-    return current_app.extensions["idc_review"]
-
-
-def flush_writes(app=None) -> None:
-    writer = (app or current_app).extensions.get("idc_review_writer")
-    if writer is not None:
-        writer.flush()
-
-
-def _session_ok() -> bool:
-    started = session.get("idc_since")
-    return isinstance(started, (int, float)) and 0 <= time.time() - started < SESSION_HOURS * 3600
-
-
-def check_access(changes: bool = False) -> None:
-    """Raise 401 unless no key is set, the browser session holds it, or the request carries it.
-    A change authorised by the session alone also needs the X-IDC-Station header (CSRF)."""
-    state = _state()
-    if not state.auth_required:
-        return
-    if _session_ok():
-        if changes and request.headers.get("X-IDC-Station") != "1":
-            raise ApiError(403, "send the header X-IDC-Station: 1 with changes made from the review station")
-        return
-    state.authorize(request.headers)
-
-
-def _login_page(message: str, status: int, target: str | None = None):
-    return render_template("login.html", message=message, next=_safe_next(target or request.path)), status
-
-
-def _safe_next(path: str | None) -> str:
-    return path if path in ("/", "/review") else "/"
-
-
-def _page(template: str):
-    state = _state()
-    if state.auth_required and not _session_ok():
-        return _login_page("This review station needs the server's API key.", 401)
-    classifier = state.classifier
-    return render_template(template, identity=state.identity, auth=state.auth_required,
-                           threshold=getattr(classifier, "threshold", None),
-                           max_upload_bytes=state.config.Server.max_upload_bytes,
-                           batch_max_files=state.config.Server.batch_max_files)
-
-
-@review_bp.get("/")
-def index_page():
-    return _page("index.html")
-
-
-@review_bp.get("/review")
-def review_page():
-    return _page("review.html")
-
-
-@review_bp.post("/login")
-def login():
-    state = _state()
-    target = _safe_next(request.form.get("next"))
-    if not state.auth_required:
-        return redirect(target, 303)
-    key = request.form.get("key", "")
-    try:
-        state.authorize({"X-API-Key": key})
-    except ApiError:
-        time.sleep(0.5)  # slows guessing; the key is compared in constant time
-        return _login_page("Wrong key." if key else "Enter the key.", 401, target)
-    session.clear()
-    session["idc_since"] = time.time()
-    return redirect(target, 303)
-
-
-@review_bp.post("/logout")
-def logout():
-    session.clear()
-    return redirect("/", 303)
-
-
-def _store_call(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except ReviewStoreError as err:
-        headers = {"Retry-After": "5"} if "locked" in str(err) else {}
-        raise ApiError(503, str(err), headers) from None
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be in {low}..{high}")
-    return value
-
-
-@review_bp.get("/api/review/queue")
-def queue():
-    check_access()
-    status = request.args.get("status", "pending")
-    if status not in ("pending", "reviewed", "all"):
-        raise ApiError(400, "status must be pending, reviewed or all")
-    limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, 10**9)
-    store = _store()
-    items = _store_call(store.items, status, limit, offset)
-    counts = _store_call(store.counts)
-    return {"Response": "OK", "ResponseMessage": f"{counts['pending']} waiting for review",
-            "Pending": counts["pending"], "Reviewed": counts["reviewed"], "Items": items}
-
-
-@review_bp.get("/api/review/items/<int:item_id>/image")
-def item_image(item_id: int):
-    check_access()
-    found = _store_call(_store().image, item_id)
-    if found is None:
-        raise ApiError(404, f"no review item {item_id}")
-    data, image_format = found
-    response = Response(data, mimetype=MIME.get(image_format, "application/octet-stream"))
-    response.headers["Cache-Control"] = "private, max-age=3600"
-    return response
-
-
-@review_bp.post("/api/review/items/<int:item_id>")
-def review_item(item_id: int):
-    check_access(changes=True)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(415 if not request.is_json else 400,
-                       'send JSON: {"decision": "agree"|"disagree"|"unsure", "note": "...", "reviewer": "..."}')
-    decision, note, reviewer = body.get("decision"), body.get("note") or "", body.get("reviewer") or ""
-    if decision not in DECISIONS:
-        raise ApiError(400, f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
-    if not isinstance(note, str) or len(note) > MAX_NOTE:
-        raise ApiError(400, f"note must be text of at most {MAX_NOTE} characters")
-    if not isinstance(reviewer, str) or len(reviewer) > MAX_REVIEWER:
-        raise ApiError(400, f"reviewer must be a name of at most {MAX_REVIEWER} characters")
-    item = _store_call(_store().review, item_id, decision, note.strip(), reviewer.strip())
-    if item is None:
-        raise ApiError(404, f"no review item {item_id}")
-    log.info("review: item %d %s by %s", item_id, decision, reviewer.strip() or "(no name)")
-    return {"Response": "OK", "ResponseMessage": f"item {item_id}: {decision}", "Item": item}
-
-
-@review_bp.get("/api/review/export.csv")
-def export_csv():
-    check_access()
-    store = _store()
-    _store_call(store.check)  # fail as JSON before the CSV starts
-    out = io.StringIO()
-    _store_call(write_csv, store.reviewed_with_images(), out)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Response(out.getvalue(), mimetype="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="idc-reviews-{stamp}.csv"', "Cache-Control": "no-store"})
-
-
-def queue_predictions(entries: list[QueueEntry]) -> list[int | None]:
-    """Queue what the config says should be reviewed; never raises (a broken store must not fail
-    classification): on failure it logs the store's message and returns None for each entry."""
-    state, store = _state(), current_app.extensions.get("idc_review")
-    if store is None:
-        return [None] * len(entries)
-    flush_writes()  # after the patches /api/infer answered before: ids in the order answered
-    review_all_idc = state.config.Server.review_all_idc
-    chosen = [i for i, e in enumerate(entries) if wants_review(e.label, e.needs_review, review_all_idc)]
-    ids: list[int | None] = [None] * len(entries)
-    if not chosen:
-        return ids
-    try:
-        for i, item_id in zip(chosen, store.add([entries[i] for i in chosen])):
-            ids[i] = item_id
-    except ReviewStoreError as err:
-        log.error("review queue: %s", err)
-    return ids
-
-
-def queue_later(entry: QueueEntry) -> None:
-    """Queue one patch from the background writer if the config says it should be reviewed (/api/infer)."""
-    state = _state()
-    if wants_review(entry.label, entry.needs_review, state.config.Server.review_all_idc):
-        current_app.extensions["idc_review_writer"].submit(entry)
-
-
-def review_status() -> dict:
-    """For /api/health: the queue's counts, or the store's error."""
-    store = current_app.extensions.get("idc_review")
-    if store is None:
-        return {"enabled": False}
-    flush_writes()
-    try:
-        return {"enabled": True, "database": str(store.path), **store.counts()}
-    except ReviewStoreError as err:
-        return {"enabled": True, "database": str(store.path), "error": str(err)}
-
-
-def session_secret(api_key: str | None) -> bytes:
-    """The session cookie's signing secret: derived from the API key (a new key ends every session)."""
-    return hmac.new(b"idc-review-station-session", (api_key or "").encode("utf-8"), hashlib.sha256).digest()
-
-
-def init_app(app, state: ApiState) -> ReviewStore:
-    """Register the review station on `app`: its Blueprint, the queue's store, the session cookie."""
-    config = state.config
-    store = ReviewStore(review_db_path(config))
-    if store.path.exists():  # say so at start-up; requests then answer the same message
-        try:
-            store.check()
-        except ReviewStoreError as err:
-            log.error("review queue unavailable: %s", err)
-    app.extensions["idc_review"] = store
-    app.extensions["idc_review_writer"] = QueueWriter(store)
-    app.secret_key = session_secret(config.Server.api_key)
-    app.config.update(SESSION_COOKIE_NAME="idc_session", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_SECURE=bool(config.Server.tls_cert))
-    app.register_blueprint(review_bp)
-    return store

@@ -2,8 +2,8 @@
 and its loader.
 
 Defining the layers registers them with Keras, so that `keras.models.load_model` can rebuild a
-trained model. Imports TensorFlow/Keras: the edge box imports this only for the Keras fallback,
-never to serve an IR.
+trained model. Shared by training and the edge's Keras fallback; it imports TensorFlow, so it lives
+outside the light `idc.core`, and the edge box imports it only for that fallback, never to serve an IR.
 """
 
 from __future__ import annotations
