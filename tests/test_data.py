@@ -120,7 +120,7 @@ def test_corrupt_file_is_worded_for_a_dataset(tmp_path):
     bad = lambda raw: (raw / "9003" / "1" / "9003_idx5_x999_y9_class1.png").write_bytes(b"this is no image")
     raw, report, why = _sort_odd(tmp_path, bad)
     assert why == {str(raw / "9003" / "1" / "9003_idx5_x999_y9_class1.png"):
-                   "unreadable: not a PNG/JPEG image (corrupt or another format)"}
+                   "unreadable: not a PNG, JPEG, BMP or TIFF image (corrupt or another format)"}
     assert "send" not in report.table()
 
 

@@ -1,5 +1,5 @@
 // Shared helpers of the review station's pages. Same-origin requests carry the session cookie;
-// changes also send X-IDC-Station (a cross-site form cannot), see idc/edge/review.py.
+// changes also send X-IDC-Station (a cross-site form cannot), see idc/edge/web/auth.py.
 "use strict";
 const Station = {
   headers(extra) { return Object.assign({"X-IDC-Station": "1"}, extra || {}); },
