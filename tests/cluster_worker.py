@@ -1,4 +1,4 @@
-"""One worker of a test cluster (tests/test_distributed.py), as trainer.py runs training: the
+"""One worker of a test cluster (tests/training/test_distributed.py), as trainer.py runs training: the
 strategy from TF_CONFIG first, then the tiny stand-in trunk, then train(). Prints its training
 record as the last line of stdout.
 

@@ -1,44 +1,16 @@
 """Shared fixtures. Real components: synthetic PNGs on disk, a real mosquitto, real servers."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SHARED_DATA = SHARED / "data" / "idc-patches"
-SHARED_PATIENTS = SHARED / "data" / "idc-patches-patients.csv"
-SHARED_WEIGHTS = SHARED / "weights" / "inception_v3_notop.weights.h5"
+from tests.broker import started_broker
+from tests.paths import ROOT
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-def require_shared(path: Path) -> Path:
-    """Skip (with the reason) when a file from ../shared is absent, e.g. on a fresh clone elsewhere."""
-    if not path.exists():
-        pytest.skip(f"{path} is absent: this test needs the shared real data/weights beside the project")
-    return path
-
-
-# --- MQTT: a real mosquitto broker (tests/mosquitto.py), test configs, gpiozero mock pins ---
-
-def _started_broker(workdir: Path, **options):
-    from tests.mosquitto import Mosquitto, find_tool
-
-    for tool in ("mosquitto", "mosquitto_passwd") if options.get("users") else ("mosquitto",):
-        if find_tool(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: apt-get install mosquitto): MQTT tests need a real broker")
-    broker = Mosquitto(workdir, **options)
-    broker.start()
-    return broker
-
+# --- MQTT: a real mosquitto broker (tests/mosquitto.py, tests/broker.py), test configs, gpiozero mock pins ---
 
 @pytest.fixture
 def mosquitto(tmp_path):
     """A real anonymous mosquitto on 127.0.0.1 at a free port; .stop()/.start()/.restart() it at will."""
-    broker = _started_broker(tmp_path / "mosquitto")
+    broker = started_broker(tmp_path / "mosquitto")
     yield broker
     broker.stop()
 
@@ -46,7 +18,7 @@ def mosquitto(tmp_path):
 @pytest.fixture
 def mosquitto_persistent(tmp_path):
     """Like `mosquitto`, but sessions and queued QoS 1 messages survive a restart."""
-    broker = _started_broker(tmp_path / "mosquitto", persistence=True)
+    broker = started_broker(tmp_path / "mosquitto", persistence=True)
     yield broker
     broker.stop()
 
@@ -56,7 +28,7 @@ def mosquitto_auth(tmp_path):
     """A real mosquitto with a password file (tests.mosquitto.TEST_USERS) that refuses anonymous clients."""
     from tests.mosquitto import TEST_USERS
 
-    broker = _started_broker(tmp_path / "mosquitto-auth", users=TEST_USERS)
+    broker = started_broker(tmp_path / "mosquitto-auth", users=TEST_USERS)
     yield broker
     broker.stop()
 

@@ -18,9 +18,9 @@ from idc.core.errors import ConfigError, ReviewExportError
 from idc.core.review_export import read_csv
 from idc.edge.web.app import create_app
 from idc.edge.web.store import QueueEntry, ReviewStore
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.synthetic import make_dataset
-from tests.test_server import CONTRACT, FakePublisher, assert_answer, assert_failed, image_bytes, multipart
+from tests.edge.http_api import CONTRACT, FakePublisher, assert_answer, assert_failed, image_bytes, multipart
 
 IDENTITY_HEADERS = ("X-IDC-Model", "X-IDC-Model-Precision", "X-IDC-Model-Hash")
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.mosquitto import free_port, wait_until
 
 COLD_STARTS = int(os.environ.get("IDC_COLD_STARTS", "10"))

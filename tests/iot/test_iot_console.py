@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from idc.core.config import load_config
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.mosquitto import Probe, free_port, wait_retained, wait_until
 
 SERVER, TESTER = "IDC/Devices/Lab/EdgeServer", "IDC/Devices/Lab/InceptionTest"

@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,8 @@ from idc.iot.alarm import IDC, IDLE, NO_IDC, REVIEW, Alarm
 from idc.iot.mqtt import OFFLINE, ONLINE, encode, sensors_payload, warnings_payload
 from idc.iot.publisher import ResultPublisher
 from tests.mosquitto import Probe, wait_until
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER = "IDC/Devices/Lab/EdgeServer"
 ALARM = "IDC/Devices/Lab/IoTAlarm"
 SENSORS, WARNINGS, COMMANDS = f"{SERVER}/Sensors", f"{SERVER}/Warnings", f"{ALARM}/Commands"

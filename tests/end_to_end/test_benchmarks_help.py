@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py", "cluster.py")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.mosquitto import free_port, wait_until
 from tests.synthetic import make_dataset
 

@@ -14,7 +14,7 @@ from idc.core.config import load_config, with_overrides
 from idc.core.errors import ModelNotFoundError
 from idc.edge.engine import load_classifier
 from idc.training.evaluation import evaluate
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 
 @pytest.fixture(scope="module")

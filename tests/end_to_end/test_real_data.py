@@ -13,7 +13,7 @@ from idc.core.errors import WeightsError
 from idc.training.evaluation import evaluate
 from idc.training.model import build_trunk
 from idc.training.train import train
-from tests.conftest import SHARED_DATA, SHARED_PATIENTS, SHARED_WEIGHTS, require_shared
+from tests.paths import SHARED_DATA, SHARED_PATIENTS, SHARED_WEIGHTS, require_shared
 from tests.synthetic import write_config
 
 pytestmark = pytest.mark.slow

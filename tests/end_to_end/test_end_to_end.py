@@ -18,7 +18,7 @@ from idc.iot.alarm import IDC, IDLE, NO_IDC, Alarm
 from idc.edge.web.app import create_app
 from idc.iot.mqtt import ONLINE, device_topic
 from idc.iot.publisher import ResultPublisher
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.mosquitto import Probe, wait_until
 
 REACTION_SECONDS = 2.0

@@ -12,7 +12,7 @@ import pytest
 from idc.core.errors import ClusterError
 from idc.training import cluster
 from idc.training.cluster import cluster_config, expand_hostlist, is_chief
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 SCHEDULER_VARIABLES = ("TF_CONFIG", "PBS_NODEFILE", "PBS_VNODENUM", "PBS_NODENUM", "PBS_TASKNUM", "PBS_O_WORKDIR",
                        *cluster.SLURM_NODELISTS, *cluster.SLURM_TASK_COUNTS, "SLURM_PROCID", "SLURM_SUBMIT_DIR",

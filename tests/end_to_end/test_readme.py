@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 README = (ROOT / "README.md").read_text()
 

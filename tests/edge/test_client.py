@@ -8,7 +8,7 @@ import time
 import pytest
 
 from idc.edge.web.app import create_app
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.mosquitto import free_port
 
 KEY = "client-test-key"

@@ -8,6 +8,7 @@ import pytest
 from idc.iot.alarm import IDC, Alarm
 from idc.iot.mqtt import DeviceConnection, encode, sensors_payload
 from idc.iot.publisher import ResultPublisher
+from tests.broker import started_broker
 from tests.mosquitto import EXAMPLE_ACL, TEST_USERS, Probe, wait_until
 
 SERVER, ALARM = "IDC/Devices/Lab/EdgeServer", "IDC/Devices/Lab/IoTAlarm"
@@ -16,9 +17,7 @@ REACTION_SECONDS = 2.0
 
 @pytest.fixture
 def broker(tmp_path):
-    from tests.conftest import _started_broker
-
-    broker = _started_broker(tmp_path / "mosquitto-acl", users=TEST_USERS, acl_file=EXAMPLE_ACL)
+    broker = started_broker(tmp_path / "mosquitto-acl", users=TEST_USERS, acl_file=EXAMPLE_ACL)
     yield broker
     broker.stop()
 

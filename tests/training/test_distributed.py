@@ -18,7 +18,7 @@ from idc.core.errors import ClusterError
 from idc.keras_model import load_keras_model
 from idc.training import bottleneck, data, distributed
 from idc.training.train import train
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.synthetic import make_dataset, tiny_trunk, write_config
 
 WORKER = ROOT / "tests" / "cluster_worker.py"

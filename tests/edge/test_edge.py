@@ -13,7 +13,7 @@ from idc.keras_model import load_keras_model
 from idc.core.preprocessing import load_batch
 from idc.edge.compile import check_parity, compile_ir
 from idc.edge.engine import KerasClassifier, OpenVINOClassifier, load_classifier
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 
 @pytest.fixture(scope="module")

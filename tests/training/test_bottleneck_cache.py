@@ -12,7 +12,7 @@ import pytest
 from idc.core.errors import ClusterWaitError
 from idc.training import bottleneck
 from idc.training.bottleneck import BottleneckCache, CachedFeatures, file_digest, read_shard, shard_of, shard_owner
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tests.synthetic import patch_image, tiny_trunk
 
 SIZE = 75
