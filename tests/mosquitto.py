@@ -27,11 +27,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+# The shipped broker config's persistence settings (examples/mosquitto/idc.conf), so that the tests
+# of a persistent broker test what users run.
+SHIPPED_PERSISTENCE = [line for line in (Path(__file__).resolve().parents[1] / "examples" / "mosquitto" / "idc.conf")
+                       .read_text().splitlines() if line.startswith(("autosave_interval", "autosave_on_changes"))]
+
 
 class Mosquitto:
     """One broker process on 127.0.0.1. `users` turns on a password file and refuses anonymous clients;
     `tls` is (ca, cert, key) paths for a TLS listener; `persistence` keeps sessions across restarts;
-    `acl_file` restricts what each user may publish and read (mosquitto's acl_file)."""
+    `acl_file` restricts what each user may publish and read (mosquitto's acl_file); `autosave=False`
+    leaves out the shipped config's saving after every change (a broker set up with mosquitto's defaults)."""
 
     def __init__(
         self,
@@ -40,6 +46,7 @@ class Mosquitto:
         tls: tuple[Path, Path, Path] | None = None,
         persistence: bool = False,
         acl_file: Path | None = None,
+        autosave: bool = True,
     ):
         self.binary = find_tool("mosquitto")
         if self.binary is None:
@@ -51,9 +58,9 @@ class Mosquitto:
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path = self.workdir / "mosquitto.conf"
         self._process: subprocess.Popen | None = None
-        self._write_config(users, tls, persistence, acl_file)
+        self._write_config(users, tls, persistence, acl_file, autosave)
 
-    def _write_config(self, users, tls, persistence, acl_file=None) -> None:
+    def _write_config(self, users, tls, persistence, acl_file=None, autosave=True) -> None:
         lines = [
             f"listener {self.port} {self.host}",
             # As root, mosquitto would switch to user "mosquitto" and could not read the temp folder.
@@ -80,6 +87,8 @@ class Mosquitto:
             lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
+            # The shipped settings, or (autosave=False) mosquitto's own: saved on a clean stop and every 30 min.
+            lines += SHIPPED_PERSISTENCE if autosave else []
         else:
             lines.append("persistence false")
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -124,6 +133,13 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def crash(self) -> None:
+        """Kill the broker as a power cut would (SIGKILL): it saves nothing on the way down."""
+        if self.running:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        self._process = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -200,9 +200,12 @@ class AlarmSettings:
     buzzer_seconds: float
     topics: list[str]
     max_payload_bytes: int
+    state_file: str | None  # what the alarm has shown (survives its restarts); null: kept in memory only
 
     def check(self) -> None:
         _require(self.buzzer_seconds >= 0, "buzzer_seconds", "must not be negative")
+        _require(self.state_file is None or self.state_file.strip() != "", "state_file",
+                 "must be a file path, or null to keep it in memory only")
         _require(len(self.topics) > 0, "topics", "must list at least one topic filter")
 
 

@@ -9,6 +9,9 @@ The session is persistent (idc.iot.mqtt): results published while the alarm is a
 in order, when it reconnects. A result older than IoTJumpWay.stale_after_seconds on arrival (by its
 `Time`) is late: shown, and published with "Stale": true, but the buzzer stays silent (a beep for a
 result hours old would send someone to the wrong patient); late results are counted ("Late").
+A result older (by its `Time`) than one already shown from the same device is ignored: a broker
+restored from an older saved state after a crash redelivers results already shown. The newest
+shown is kept in Alarm.state_file, so this holds across a restart of the alarm too.
 
 Every message is checked before any pin moves: wrong topic, oversized, not JSON, not an object,
 wrong types or missing fields → logged and ignored. Extra unknown fields in an otherwise valid
@@ -19,6 +22,7 @@ The log has one line per state change (the blinking of the review state is not l
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -31,8 +35,10 @@ from gpiozero.pins.mock import MockFactory, MockPin
 
 from idc.core.config import Config
 from idc.core.errors import IgnoredMessage
+from idc.core.files import write_text_atomically
 from idc.iot.homeassistant import alarm_discovery
-from idc.iot.mqtt import DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, result_age, utc_timestamp
+from idc.iot.mqtt import (DEFAULT_RECONNECT_DELAY, DeviceConnection, device_topic, result_age, result_time,
+                          utc_timestamp)
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +177,35 @@ class Alarm:
         self.handled = 0
         self.closed = False
         self._last_result: tuple | None = None  # (origin, Time, state) of the last result shown
+        # origin -> the Time of the newest result shown from it; kept in Alarm.state_file, so that a
+        # restarted alarm knows what it showed before.
+        self.state_file = config.resolve(self.settings.state_file) if self.settings.state_file else None
+        self._newest_shown: dict[str, datetime.datetime] = self._read_state_file()
         log.info("Alarm %s: red LED %s, blue LED %s, buzzer %s%s; watching %s", self.device,
                  self.red.pin, self.blue.pin, self.buzzer.pin,
                  f", button {self.button.pin}" if self.button else "", ", ".join(self.settings.topics))
+
+    def _read_state_file(self) -> dict:
+        if self.state_file is None or not self.state_file.exists():
+            return {}
+        try:
+            raw = json.loads(self.state_file.read_text())
+            return {str(origin): result_time({"Time": stamp}) for origin, stamp in raw["newest_shown"].items()
+                    if result_time({"Time": stamp}) is not None}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("Alarm: %s is unreadable (%s): starting without the results shown before",
+                        self.state_file, type(err).__name__)
+            return {}
+
+    def _write_state_file(self) -> None:
+        if self.state_file is None:
+            return
+        text = json.dumps({"newest_shown": {o: t.isoformat(timespec="milliseconds") for o, t in self._newest_shown.items()}})
+        try:
+            write_text_atomically(self.state_file, text)
+        except OSError as err:
+            log.error("Alarm: cannot write %s (%s): a restarted alarm may show a replayed result again",
+                      self.state_file, err.strerror or err)
 
     def _devices(self) -> dict:
         devices = {"red LED": self.red, "blue LED": self.blue, "buzzer": self.buzzer}
@@ -218,12 +250,23 @@ class Alarm:
         # A server sends Sensors and, on IDC, a Warnings copy of the same result (same Time):
         # an alarm watching both channels must not sound twice, nor re-sound after an ACK.
         result = (origin, data["Time"], command_or_state) if isinstance(data.get("Time"), str) else None
+        made = result_time(data)
         age = result_age(data)
         stale = age is not None and age > self.config.mqtt.stale_after_seconds
         with self._lock:
             if result is not None and result == self._last_result:
                 log.debug("Alarm: %s is the same result as before, already shown", topic)
                 return self.state
+            newest = self._newest_shown.get(origin)
+            if made is not None and newest is not None and made < newest:
+                # A broker restored from an older saved state (after a crash) redelivers results
+                # already shown: never show, nor sound, a result older than one already shown.
+                log.warning("Alarm: a result from %s made %s is older than the one already shown (%s): ignored",
+                            origin, data["Time"], newest.isoformat())
+                return self.state
+            if made is not None:
+                self._newest_shown[origin] = made
+                self._write_state_file()
             self._last_result = result
             if stale:
                 self.late += 1

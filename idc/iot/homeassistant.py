@@ -33,7 +33,10 @@ def _entities(mqtt: MQTTSettings, device: str, model: str, entities) -> list[tup
     }
     messages = []
     for component, object_id, name, state_channel, extra in entities:
-        config = {"name": name, "unique_id": f"{node}_{object_id}", "object_id": f"{node}_{object_id}",
+        # default_entity_id (domain.slug) replaced object_id in Home Assistant 2025.10; object_id
+        # stopped working in 2026.4.
+        config = {"name": name, "unique_id": f"{node}_{object_id}",
+                  "default_entity_id": f"{component}.{node}_{object_id}".lower(),
                   "state_topic": device_topic(mqtt, device, state_channel), **extra, **common}
         messages.append((f"{mqtt.discovery_prefix}/{component}/{node}/{object_id}/config", config))
     return messages

@@ -126,8 +126,8 @@ def client_id(mqtt: MQTTSettings, device: str) -> str:
     return f"{mqtt.Location}-{mqtt.Zone}-{device}"
 
 
-def result_age(data: dict) -> float | None:
-    """Seconds since a result's `Time` (ISO 8601 with offset), or None when it has no usable Time."""
+def result_time(data: dict) -> datetime.datetime | None:
+    """When a result was made: its `Time` (ISO 8601 with offset), or None when it has no usable Time."""
     stamp = data.get("Time")
     if not isinstance(stamp, str):
         return None
@@ -135,9 +135,13 @@ def result_age(data: dict) -> float | None:
         then = datetime.datetime.fromisoformat(stamp)
     except ValueError:
         return None
-    if then.tzinfo is None:
-        return None
-    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+    return then if then.tzinfo is not None else None
+
+
+def result_age(data: dict) -> float | None:
+    """Seconds since a result's `Time`, or None when it has no usable Time."""
+    then = result_time(data)
+    return None if then is None else (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
 
 
 class DeviceConnection:

@@ -179,7 +179,7 @@ def test_nothing_under_edge_or_iot_imports_training_code():
 
     for machine, forbidden in (("edge", ("idc.training",)), ("iot", ("idc.training", "idc.edge", "numpy",
                                                                        "tensorflow", "keras", "openvino"))):
-        for path in (ROOT / "idc" / machine).glob("*.py"):
+        for path in (ROOT / "idc" / machine).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

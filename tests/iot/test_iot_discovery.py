@@ -56,6 +56,9 @@ def test_discovery_configs_have_the_required_fields(mosquitto, devices):
             assert all(config.get(key) for key in REQUIRED), (topic, config)
             assert config["device"]["identifiers"] and config["device"]["name"]
             assert config["device"]["identifiers"] == [match.group(2)]  # node id = the device
+            # Home Assistant 2025.10+: default_entity_id (domain.slug) in place of object_id, gone in 2026.4.
+            assert "object_id" not in config and config["default_entity_id"] == \
+                f"{match.group(1)}.{config['unique_id']}".lower(), config
             configs[topic] = config
         assert len({c["unique_id"] for c in configs.values()}) == len(configs) == 5
         assert {t.split("/")[1] + "/" + t.split("/")[3] for t in configs} == {
