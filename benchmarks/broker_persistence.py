@@ -15,6 +15,7 @@ alarm got. Exit status 0 when the shipped setting delivered every result, 1 othe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import threading
@@ -25,7 +26,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import PacketTypes, Properties
 
-from tests.mosquitto import Mosquitto, wait_until
+ROOT = Path(__file__).resolve().parent.parent
+# The tests' broker harness (a file of the checkout, not of the package), loaded by its path.
+_spec = importlib.util.spec_from_file_location("mosquitto_harness", ROOT / "tests" / "mosquitto.py")
+_spec.loader.exec_module(harness := importlib.util.module_from_spec(_spec))
+Mosquitto, wait_until = harness.Mosquitto, harness.wait_until
 
 TOPIC = "IDC/Devices/Lab/EdgeServer/Sensors"
 
