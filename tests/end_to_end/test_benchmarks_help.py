@@ -75,3 +75,10 @@ def test_benchmark_rejects_bad_options_before_running(tmp_path, name, args, opti
     done = run_script(name, "--config", tmp_path / "no-such-confs.json", *work, *args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error:" in done.stderr and option in done.stderr.splitlines()[-1], done.stderr
+
+
+def test_the_broker_benchmark_says_what_it_does_and_refuses_a_bad_count():
+    done = run_script("broker_persistence.py", "--help")
+    assert done.returncode == 0 and "SIGKILL" in done.stdout and "--results" in done.stdout, done.stderr
+    done = run_script("broker_persistence.py", "--results", 0)
+    assert done.returncode == 2 and "--results must be in 1..100000" in done.stderr, done.stderr
