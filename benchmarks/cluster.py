@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 FULL_DATASET = 277_524  # patches of the public dataset
 IDC_SHARE = 78_786 / FULL_DATASET  # its share of IDC patches

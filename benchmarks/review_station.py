@@ -32,8 +32,6 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
 DATASET = ROOT.parent / "shared" / "data" / "idc-patches"
@@ -65,7 +63,11 @@ def patient_zip(data: Path, count: int, folder: Path) -> tuple[Path, str]:
         if patches < count:  # take patches of several patients then
             chosen = sorted(data.rglob("*.png"))
     else:
-        from tests.synthetic import make_dataset
+        import importlib.util  # tests/synthetic.py by its path: the tests are no installed package
+
+        spec = importlib.util.spec_from_file_location("synthetic", ROOT / "tests" / "synthetic.py")
+        spec.loader.exec_module(synthetic := importlib.util.module_from_spec(spec))
+        make_dataset = synthetic.make_dataset
 
         root = make_dataset(folder / "synthetic", patients=1, per_class=(count + 1) // 2)
         chosen, patient = sorted(root.rglob("*.png")), "9000"

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"  # never anything else
 TARGETS = {"requests_per_second": 20.0, "p99_ms": 250.0, "rss_growth_mb": 50.0}

@@ -2,15 +2,13 @@
 strategy from TF_CONFIG first, then the tiny stand-in trunk, then train(). Prints its training
 record as the last line of stdout.
 
-  TF_CONFIG='{"cluster": {...}, "task": {...}}' python tests/cluster_worker.py CONFS_JSON
+  TF_CONFIG='{"cluster": {...}, "task": {...}}' .venv/bin/python -m tests.cluster_worker CONFS_JSON
+
+from the checkout's root: -m puts the working directory on sys.path, so `tests` imports; `idc` is installed.
 """
 
 import json
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """client.py, run as a subprocess against a real waitress server (and a dead one)."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -17,6 +18,16 @@ KEY = "client-test-key"
 def run_client(*args, timeout=60):
     return subprocess.run([sys.executable, str(ROOT / "client.py"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    """client.py itself (a script beside the package, not part of it), imported by its path."""
+    spec = importlib.util.spec_from_file_location("client", ROOT / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "client", module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -99,21 +110,15 @@ def test_client_help_and_bad_arguments():
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
-def test_default_server_url_comes_from_confs_json(make_config):
-    sys.path.insert(0, str(ROOT))
-    import client
-
+def test_default_server_url_comes_from_confs_json(make_config, client):
     assert client.default_server(make_config()) == "http://127.0.0.1:7455"
     assert client.default_server(make_config(Server={"host": "0.0.0.0", "port": 8080})) == "http://127.0.0.1:8080"
     assert client.infer_url("edge-box:7455") == "http://edge-box:7455/api/infer"
     assert client.infer_url("https://edge/api/infer/") == "https://edge/api/infer"
 
 
-def test_retries_back_off_and_recover(monkeypatch):
-    sys.path.insert(0, str(ROOT))
+def test_retries_back_off_and_recover(monkeypatch, client):
     import requests
-
-    import client
 
     class FlakySession:
         calls = 0
@@ -181,10 +186,7 @@ def test_client_rejects_a_malformed_server_url_up_front(tmp_path, server):
     assert time.monotonic() - started < 20
 
 
-def test_well_formed_server_urls_are_accepted():
-    sys.path.insert(0, str(ROOT))
-    import client
-
+def test_well_formed_server_urls_are_accepted(client):
     for server in ("edge-box:7455", "http://edge-box:7455", "https://edge-box/prefix/", "127.0.0.1:7455",
                    "[::1]:7455", "http://[::1]:7455/api/infer", "localhost"):
         assert client.check_server(server), server

@@ -118,7 +118,7 @@ for n in range(1, 10_000):  # ever larger versions of one shard, until killed
 def test_a_shard_is_whole_or_absent_even_when_its_writer_is_killed(tmp_path):
     path = tmp_path / "shard-00.npy"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "PATH": ""})
+                              env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": ""})
     try:
         assert writer.stdout.readline().strip() == "20000"  # one version written, the next one in progress
         deadline = time.monotonic() + 30

@@ -1,6 +1,6 @@
 """Training on a cluster, for real: two workers as two processes on 127.0.0.1 (each with its own
 TF_CONFIG, at free ports: MultiWorkerMirroredStrategy on CPU, no mocks), on a synthetic dataset with
-the tiny stand-in trunk (tests/cluster_worker.py runs one worker as trainer.py would)."""
+the tiny stand-in trunk (tests/cluster_worker.py, run as `python -m tests.cluster_worker`, runs one worker as trainer.py would)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ from idc.training.train import train
 from tests.paths import ROOT
 from tests.synthetic import make_dataset, tiny_trunk, write_config
 
-WORKER = ROOT / "tests" / "cluster_worker.py"
+WORKER = "tests.cluster_worker"  # python -m, from ROOT
 RUN_SECONDS = 240  # a whole two-worker training (start-up, bottlenecks, head, fine-tuning) takes ~25 s here
 # The cluster adds each global batch's gradient in two halves: float sums in another order, nothing more
 # (measured: weights within 1e-7 of a single process's).
@@ -73,8 +73,8 @@ def start_workers(configs) -> list[subprocess.Popen]:
     for index, config in enumerate(configs):
         tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(config.path)], cwd=ROOT, env=env,
+               "CUDA_VISIBLE_DEVICES": ""}
+        workers.append(subprocess.Popen([sys.executable, "-m", WORKER, str(config.path)], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return workers
 
@@ -203,8 +203,7 @@ def test_a_cluster_strategy_made_after_tensorflow_started_says_what_to_do():
               "try:\n    distributed.strategy()\nexcept Exception as err:\n    print(type(err).__name__, err)\n")
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}, "task": {"type": "worker", "index": 0}}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": str(ROOT),
-                               "TF_CPP_MIN_LOG_LEVEL": "2"})
+                          env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert "ClusterError" in done.stdout and "distributed.strategy() first" in done.stdout, done.stdout + done.stderr
 
 
