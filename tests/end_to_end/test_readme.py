@@ -5,19 +5,55 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from tests.paths import ROOT
 
 README = (ROOT / "README.md").read_text()
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+COMMAND = re.compile(r"(?:\.venv/bin/python|\./compile_ncs\.sh)(?: [^\n`|#]*)?")
 
 
 def test_readme_commands_use_the_venv_of_the_setup_line():
     """A bare `python script.py` fails after the set-up line (the packages are in .venv only)."""
     assert README.splitlines()[3].startswith("# Set up and run the main job")
-    bare = re.findall(r"(?<![\w/.\-])python3? (?:[\w/]+\.py|-m (?!venv)\w+)[^\n`]*", README)
-    assert not bare, bare
+    assert len(README.splitlines()) <= 200, "the README is the short way in: the rest belongs in docs/"
+    for page, text in PAGES.items():
+        bare = re.findall(r"(?<![\w/.\-])python3? (?:[\w/]+\.py|-m (?!venv)\w+)[^\n`]*", text)
+        assert not bare, (page, bare)
+
+
+def script_help(words: tuple[str, ...]) -> str:
+    """The --help of a documented command (its subcommand's too, e.g. trainer.py sort)."""
+    if words[0] == "./compile_ncs.sh":
+        command, rest = ["bash", str(ROOT / "compile_ncs.sh")], words[1:]
+    elif words[1] == "-m":
+        command, rest = [sys.executable, "-m", words[2]], words[3:]
+    else:
+        command, rest = [sys.executable, str(ROOT / words[1])], words[2:]
+    subcommand = list(rest[:1]) if rest and re.fullmatch(r"[a-z]+", rest[0]) else []
+    done = subprocess.run(command + subcommand + ["--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, (words, done.stderr[-2000:])
+    return done.stdout
+
+
+def test_every_command_in_readme_and_docs_names_a_script_and_options_that_exist():
+    """Each `.venv/bin/python ...` / `./compile_ncs.sh ...` of README.md and docs/*.md: the script (or
+    module) exists and takes every --option the docs give it (read from its --help)."""
+    commands = {tuple(match.split()) for text in PAGES.values() for match in COMMAND.findall(text)}
+    assert len(commands) > 20, commands
+    helps: dict = {}
+    for words in sorted(commands):
+        if words[:3] == (".venv/bin/python", "-m", "pytest"):
+            continue  # pytest's own options
+        if words[0] == ".venv/bin/python" and words[1] != "-m":
+            assert (ROOT / words[1]).is_file(), f"{' '.join(words)}: no such script"
+        key = words[:4]
+        helps.setdefault(key, script_help(words))
+        for option in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert option in helps[key], f"{' '.join(words)}: {option} is not an option of it"
 
 
 @pytest.fixture(scope="module")
