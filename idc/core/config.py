@@ -1,16 +1,20 @@
 """confs.json: one config for every script, validated once on load.
 
-Each section is a typed dataclass. Loading checks every key (missing, unknown or of the
-wrong type) and names the key and the file in the error, so a typo never surfaces later
-as a confusing failure deep inside training or serving. Relative paths are resolved
-against the project root (the folder holding confs.json).
+Each section is a typed dataclass, and every key has a default: the value in the shipped
+confs.json (which still lists every key). A confs.json from an older version loads: the keys it
+lacks, or whole sections, take the defaults (logged at debug level). Loading checks every key it
+finds (unknown, of the wrong type or a bad value) and names the key, the section and the file in
+the error, so a typo never surfaces later as a confusing failure deep inside training or serving.
+Relative paths are resolved against the project root (the folder holding confs.json).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
+import logging
 import re
 import types
 import typing
@@ -21,46 +25,52 @@ from idc.core.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = PROJECT_ROOT / "confs.json"
+log = logging.getLogger(__name__)
+
+
+def _fresh(value):
+    """The default of a list or dict key: each settings object gets a copy of its own."""
+    return dataclasses.field(default_factory=lambda: copy.deepcopy(value))
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierSettings:
-    dataset_dir: str
-    model_dir: str
-    model_name: str
-    classes: list[str]
-    patients_file: str | None
-    patients_file_splits: dict[str, str]
-    validation_fraction: float
-    test_fraction: float
-    samples_per_class: int | str
-    random_seed: int
-    weights: str
-    feature_layers: list[str]
-    pooling: str
-    train_views: list[str]
-    stain_jitter: dict[str, float]
-    stain_normalization: str
-    test_time_augmentation: bool
-    image_size: int
-    batch_size: int
-    head_batch_size: int
-    epochs: int
-    learning_rate: float
-    l2_regularization: float
-    early_stopping_patience: int
-    class_weighting: bool
-    fine_tune_blocks: int
-    fine_tune_epochs: int
-    fine_tune_learning_rate: float
-    patch_cnn_epochs: int
-    patch_cnn_learning_rate: float
-    InceptionThreshold: float
-    review_band: float
-    threshold_override: float | None
-    review_band_override: float | None
-    decision_rule_from_validation: bool
-    review_share: float
+    dataset_dir: str = "data/IDC_regular_ps50_idx5"
+    model_dir: str = "model"
+    model_name: str = "DevCloudIDC"
+    classes: list[str] = _fresh(["0", "1"])
+    patients_file: str | None = None
+    patients_file_splits: dict[str, str] = _fresh({"train": "train", "extra": "train", "val": "test"})
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    samples_per_class: int | str = "all"
+    random_seed: int = 42
+    weights: str = "imagenet"
+    feature_layers: list[str] = _fresh(["mixed0", "mixed1"])
+    pooling: str = "mean+std"
+    train_views: list[str] = _fresh(["identity", "hflip", "vflip", "rot90"])
+    stain_jitter: dict[str, float] = _fresh({"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2})
+    stain_normalization: str = "none"
+    test_time_augmentation: bool = True
+    image_size: int = 150
+    batch_size: int = 64
+    head_batch_size: int = 256
+    epochs: int = 150
+    learning_rate: float = 0.0001
+    l2_regularization: float = 0.0005
+    early_stopping_patience: int = 15
+    class_weighting: bool = True
+    fine_tune_blocks: int = 0
+    fine_tune_epochs: int = 5
+    fine_tune_learning_rate: float = 0.0001
+    patch_cnn_epochs: int = 16
+    patch_cnn_learning_rate: float = 0.001
+    InceptionThreshold: float = 0.54
+    review_band: float = 0.1
+    threshold_override: float | None = None
+    review_band_override: float | None = None
+    decision_rule_from_validation: bool = True
+    review_share: float = 0.1
 
     def check(self) -> None:
         _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
@@ -109,9 +119,9 @@ class ClassifierSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OpenVINOSettings:
-    device: str
-    precision: str
-    calibration_samples: int
+    device: str = "CPU"
+    precision: str = "FP16"
+    calibration_samples: int = 300
 
     def check(self) -> None:
         _require(self.precision in ("FP32", "FP16", "INT8"), "precision", "must be FP32, FP16 or INT8")
@@ -120,22 +130,22 @@ class OpenVINOSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    host: str
-    port: int
-    threads: int
-    api_key: str | None
-    max_upload_bytes: int
-    max_image_side: int
-    archive_dir: str | None
-    archive_max_bytes: int
-    tls_cert: str | None
-    tls_key: str | None
-    connection_limit: int
-    idle_timeout: int
-    review_db: str | None
-    review_all_idc: bool
-    batch_max_files: int
-    batch_max_unzipped_bytes: int
+    host: str = "127.0.0.1"
+    port: int = 7455
+    threads: int = 4
+    api_key: str | None = None
+    max_upload_bytes: int = 5_000_000
+    max_image_side: int = 4096
+    archive_dir: str | None = None
+    archive_max_bytes: int = 100_000_000
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connection_limit: int = 500
+    idle_timeout: int = 10
+    review_db: str | None = None
+    review_all_idc: bool = False
+    batch_max_files: int = 1000
+    batch_max_unzipped_bytes: int = 50_000_000
 
     def check(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be a TCP port number (0..65535)")
@@ -152,27 +162,27 @@ class ServerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MQTTSettings:
-    enabled: bool
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    tls_ca: str | None
-    tls_cert: str | None
-    tls_key: str | None
-    keepalive: int
-    Location: str
-    Zone: str
-    Server: str
-    Alarm: str
-    Tester: str
-    queue_size: int
-    session_expiry: int
-    stale_after_seconds: float
-    status_online: str
-    status_offline: str
-    home_assistant: bool
-    discovery_prefix: str
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    keepalive: int = 60
+    Location: str = "IDC"
+    Zone: str = "Lab"
+    Server: str = "EdgeServer"
+    Alarm: str = "IoTAlarm"
+    Tester: str = "InceptionTest"
+    queue_size: int = 1000
+    session_expiry: int = 86400
+    stale_after_seconds: float = 300.0
+    status_online: str = "ONLINE"
+    status_offline: str = "OFFLINE"
+    home_assistant: bool = False
+    discovery_prefix: str = "homeassistant"
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "port", "must be a TCP port number")
@@ -193,14 +203,14 @@ class MQTTSettings:
 
 @dataclasses.dataclass(frozen=True)
 class AlarmSettings:
-    red_led_pin: int
-    blue_led_pin: int
-    buzzer_pin: int
-    button_pin: int | None
-    buzzer_seconds: float
-    topics: list[str]
-    max_payload_bytes: int
-    state_file: str | None  # what the alarm has shown (survives its restarts); null: kept in memory only
+    red_led_pin: int = 17
+    blue_led_pin: int = 27
+    buzzer_pin: int = 22
+    button_pin: int | None = None
+    buzzer_seconds: float = 5.0
+    topics: list[str] = _fresh(["IDC/Devices/Lab/EdgeServer/Sensors"])
+    max_payload_bytes: int = 4096
+    state_file: str | None = "alarm-state.json"  # what the alarm has shown (survives its restarts); null: kept in memory only
 
     def check(self) -> None:
         _require(self.buzzer_seconds >= 0, "buzzer_seconds", "must not be negative")
@@ -294,14 +304,13 @@ def _build_section(cls, raw, section: str, path: Path):
         close = difflib.get_close_matches(unknown[0], missing or names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(names)})"
         raise ConfigError(f"unknown key {unknown[0]!r} {where}{hint}")
-    if missing:
-        raise ConfigError(f"missing key {missing[0]!r} {where}")
-    for name in names:
+    present = [n for n in names if n in raw]  # the missing ones take the dataclass's defaults
+    for name in present:
         if not _type_ok(raw[name], hints[name]):
             raise ConfigError(
                 f"key {name!r} {where} must be {_type_name(hints[name])}, got {raw[name]!r}"
             )
-    values = {n: (float(raw[n]) if hints[n] is float else raw[n]) for n in names}
+    values = {n: (float(raw[n]) if hints[n] is float else raw[n]) for n in present}
     settings = cls(**values)
     try:
         settings.check()
@@ -321,16 +330,20 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object of sections")
-    sections = {}
+    sections, defaulted = {}, []
     for name, cls in typing.get_type_hints(Config).items():
         if name == "path":
             continue
+        sections[name] = _build_section(cls, raw.get(name, {}), name, path)
         if name not in raw:
-            raise ConfigError(f"missing section {name!r} in {path}")
-        sections[name] = _build_section(cls, raw[name], name, path)
+            defaulted.append(f"section {name!r} (all its keys)")
+        elif missing := [f.name for f in dataclasses.fields(cls) if f.name not in raw[name]]:
+            defaulted.append(f"{', '.join(map(repr, missing))} of section {name!r}")
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} in {path}")
+    if defaulted:
+        log.debug("%s lacks %s: the defaults are used", path, "; ".join(defaulted))
     return Config(**sections, path=path)
 
 
