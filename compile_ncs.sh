@@ -8,13 +8,14 @@ usage() {
 Usage: ./compile_ncs.sh [--precision FP16|FP32|INT8|all] [--device DEVICE] [--config confs.json]
                         [--max-int8-drop X] [-v]
 
-Converts model/<model_name>.keras to OpenVINO IR in model/ir/<PRECISION>/ (FP16 by default,
-the Movidius stick's precision; INT8 is NNCF post-training quantization calibrated on real
-training patches), each with the model's bundle (model.json), prints the agreement with
-TensorFlow on validation patches (INT8 must keep balanced accuracy within 0.01, or this fails),
-then runs inception_test.py on model/test/.
+Converts model/<model_name>.keras to OpenVINO IR in model/ir/<PRECISION>/ (FP16 is the Movidius
+stick's precision; INT8 is NNCF post-training quantization calibrated on real training patches),
+each with the model's bundle (model.json), prints the agreement with TensorFlow on validation
+patches (INT8 must keep balanced accuracy within 0.01: an INT8 IR that does not is removed, and
+an INT8 asked for by name fails), then runs inception_test.py on model/test/. By default
+(OpenVINO.precision "auto") it compiles FP16, and INT8 on a CPU, where the server then serves INT8.
 
-  --precision P     FP16 (default: OpenVINO.precision in confs.json), FP32, INT8, or all (any case)
+  --precision P     FP16, FP32, INT8, or all (any case; default: OpenVINO.precision in confs.json)
   --device D        OpenVINO device: CPU, GPU, NPU, AUTO (default: OpenVINO.device); checked first
   --config PATH     config file (default: confs.json beside this script)
   --max-int8-drop X largest balanced-accuracy loss allowed for INT8 (default: 0.01)

@@ -21,7 +21,7 @@ from idc.core.bundle import PRECISIONS
 def main() -> int:
     p = cli.parser(__doc__.strip().splitlines()[0])
     p.add_argument("images", nargs="*", help="image files or folders (default: model/test/*.png)")
-    p.add_argument("--precision", type=str.upper, choices=PRECISIONS, help="IR to use (default: OpenVINO.precision)")
+    p.add_argument("--precision", type=str.upper, choices=PRECISIONS, help="IR to use (default: OpenVINO.precision; auto: INT8 on a CPU where compiled, else FP16)")
     p.add_argument("--device", help="OpenVINO device (default: OpenVINO.device)")
     p.add_argument("--keras", action="store_true", help="use the TensorFlow model instead of the IR")
     cli.add_decision_rule_options(p)

@@ -42,7 +42,7 @@ def main() -> int:
     p = cli.parser(__doc__.strip().splitlines()[0])
     p.add_argument("--host", help="address to bind (default: Server.host)")
     p.add_argument("--port", type=int, help="TCP port (default: Server.port)")
-    p.add_argument("--precision", type=str.upper, choices=PRECISIONS, help="IR to serve (default: OpenVINO.precision)")
+    p.add_argument("--precision", type=str.upper, choices=PRECISIONS, help="IR to serve (default: OpenVINO.precision; auto: INT8 on a CPU where compiled, else FP16)")
     p.add_argument("--keras", action="store_true", help="serve the TensorFlow model instead of the IR")
     cli.add_decision_rule_options(p)
     args = p.parse_args()

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=summary, epilog=details,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "confs.json"), help="confs.json (default: %(default)s)")
-    p.add_argument("--precision", choices=["FP32", "FP16", "INT8"], help="IR to serve (default: OpenVINO.precision)")
+    p.add_argument("--precision", choices=["FP32", "FP16", "INT8"], help="IR to serve (default: what server.py serves, OpenVINO.precision)")
     p.add_argument("--data", default=str(DATASET), help="Kaggle-layout dataset to take a patient from "
                                                         "(default: %(default)s)")
     p.add_argument("--patches", type=int, default=100, help="patches in the zip (default: 100)")
@@ -159,9 +159,10 @@ def main(argv=None) -> int:
     import requests
 
     from idc.core.config import load_config
+    from idc.edge.engine import served_precision
 
     config = load_config(args.config)
-    precision = args.precision or config.OpenVINO.precision
+    precision = args.precision or served_precision(config)
     if not config.model.ir_xml(precision).exists():
         print(f"no compiled model at {config.model.ir_xml(precision)}: run ./compile_ncs.sh first", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load-test the edge server (server.py, waitress) on 127.0.0.1 with the trained model's IR.
 
-  python benchmarks/server_load.py                          # model/ir/FP16, 2,000 requests, 4 threads
+  python benchmarks/server_load.py                          # the IR server.py serves, 2,000 requests, 4 threads
   python benchmarks/server_load.py --precision INT8
   python benchmarks/server_load.py --model-dir /tmp/tiny/model --requests 200
 
@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "confs.json"), help="confs.json (default: %(default)s)")
     p.add_argument("--model-dir", help="model folder to serve (default: ClassifierSettings.model_dir)")
-    p.add_argument("--precision", choices=["FP16", "INT8"], default="FP16", help="IR to serve (default: FP16)")
+    p.add_argument("--precision", choices=["FP16", "INT8"], help="IR to serve (default: what server.py serves, "
+                                                                 "OpenVINO.precision)")
     p.add_argument("--requests", type=int, default=2000, help="measured requests (default: 2000)")
     p.add_argument("--threads", type=int, default=4, help="concurrent client threads (default: 4)")
     p.add_argument("--warmup", type=int, default=50, help="requests before measuring (default: 50)")
@@ -165,6 +166,10 @@ def main(argv=None) -> int:
         from idc.core.config import with_overrides
 
         config = with_overrides(config, "ClassifierSettings", model_dir=str(model_dir))
+    if args.precision is None:
+        from idc.edge.engine import served_precision
+
+        args.precision = served_precision(config)
     xml = config.model.ir_xml(args.precision)
     if not xml.exists():
         print(f"No {args.precision} IR of a trained model at {xml}: nothing to measure. Train the model "

@@ -120,11 +120,13 @@ class ClassifierSettings:
 @dataclasses.dataclass(frozen=True)
 class OpenVINOSettings:
     device: str = "CPU"
-    precision: str = "FP16"
+    # "auto": compile FP16 (and INT8 on a CPU) and serve INT8 on a CPU when it passed the parity
+    # gate, else FP16 (idc.edge.engine.served_precision)
+    precision: str = "auto"
     calibration_samples: int = 300
 
     def check(self) -> None:
-        _require(self.precision in ("FP32", "FP16", "INT8"), "precision", "must be FP32, FP16 or INT8")
+        _require(self.precision in ("auto", "FP32", "FP16", "INT8"), "precision", "must be auto, FP32, FP16 or INT8")
         _require(self.calibration_samples > 0, "calibration_samples", "must be positive")
 
 

@@ -26,7 +26,7 @@ from idc.core.errors import DatasetError, ParityError
 from idc.keras_model import load_keras_model
 from idc.core.metrics import classification_metrics
 from idc.core.preprocessing import decode_image, preprocess
-from idc.edge.engine import KerasClassifier, OpenVINOClassifier, check_device
+from idc.edge.engine import KerasClassifier, OpenVINOClassifier, check_device, compiled_precisions, served_precision
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,11 @@ def compile_ir(config: Config, precisions: list[str]) -> dict[str, str]:
 
 
 def check_parity(config: Config, precisions: list[str], samples: int = 500, echo=print,
-                 max_int8_drop: float = MAX_INT8_BALANCED_ACCURACY_DROP) -> dict:
+                 max_int8_drop: float = MAX_INT8_BALANCED_ACCURACY_DROP, keep_going: bool = False) -> dict:
     """Compare each IR with the Keras model on validation patches (test ones if none), both run
-    through the engine at the bundle's decision rule. Raises ParityError when INT8 loses more
-    than `max_int8_drop` balanced accuracy."""
+    through the engine at the bundle's decision rule. An INT8 IR that loses more than
+    `max_int8_drop` balanced accuracy is removed, and ParityError raised unless `keep_going`
+    (OpenVINO.precision "auto", which then serves FP16)."""
     model = config.model
     patches = model.read_manifest("validation") or model.read_manifest("test")
     if not patches:
@@ -128,16 +129,20 @@ def check_parity(config: Config, precisions: list[str], samples: int = 500, echo
         if precision == "INT8" and drop > max_int8_drop:
             failures.append(f"INT8 loses {drop:.4f} balanced accuracy against TensorFlow (limit {max_int8_drop}); "
                             "calibrate on more patches (OpenVINO.calibration_samples) or use FP16")
+            report[precision]["removed"] = True
+            shutil.rmtree(model.ir_dir(precision))  # never left for "auto" (or anyone) to serve
     model.parity_report.write_text(json.dumps(report, indent=2))
-    if failures:
-        raise ParityError("; ".join(failures))
+    if failures and not keep_going:
+        raise ParityError("; ".join(failures) + " (the INT8 IR is removed)")
+    for failure in failures:
+        echo(f"  {failure}: the INT8 IR is removed and FP16 is served")
     return report
 
 
 def main() -> int:
     p = cli.parser("Compile the trained model to OpenVINO IR and check it against TensorFlow")
     p.add_argument("--precision", nargs="+", type=str.upper, choices=PRECISIONS,
-                   help="FP32, FP16, INT8 (any case; default: OpenVINO.precision)")
+                   help="FP32, FP16, INT8 (any case; default: OpenVINO.precision, where auto compiles FP16, and INT8 on a CPU)")
     p.add_argument("--device", help="OpenVINO device for the checks (default: OpenVINO.device)")
     p.add_argument("--parity-samples", type=int, default=500, help="validation patches to compare (default: 500)")
     p.add_argument("--max-int8-drop", type=float, default=MAX_INT8_BALANCED_ACCURACY_DROP,
@@ -146,11 +151,14 @@ def main() -> int:
     config = cli.setup(args)
     if args.device:
         config = with_overrides(config, "OpenVINO", device=args.device)
-    precisions = args.precision or [config.OpenVINO.precision]
+    auto = not args.precision and config.OpenVINO.precision == "auto"
+    precisions = args.precision or (compiled_precisions(config.OpenVINO.device) if auto else [config.OpenVINO.precision])
     for precision, path in compile_ir(config, precisions).items():
         print(f"{precision}: {path}")
     check_parity(config, precisions, args.parity_samples, echo=lambda *lines: print(*lines, flush=True),
-                 max_int8_drop=args.max_int8_drop)
+                 max_int8_drop=args.max_int8_drop, keep_going=auto)
+    if auto:
+        print(f"Serving {served_precision(config)} on {config.OpenVINO.device} (OpenVINO.precision auto)")
     return 0
 
 

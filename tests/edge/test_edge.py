@@ -1,5 +1,7 @@
 """OpenVINO compilation (FP16, INT8), parity with TensorFlow, the engine, inception_test.py."""
 
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ from idc.core.errors import DeviceError, ImageError
 from idc.keras_model import load_keras_model
 from idc.core.preprocessing import load_batch
 from idc.edge.compile import check_parity, compile_ir
-from idc.edge.engine import KerasClassifier, OpenVINOClassifier, load_classifier
+from idc.edge.engine import KerasClassifier, OpenVINOClassifier, load_classifier, served_precision
 from tests.paths import ROOT
 
 
@@ -70,16 +72,12 @@ def test_engines_match_the_training_path_to_1e_5(compiled):
 
 
 def test_a_worse_int8_model_fails_the_parity_gate(compiled, tmp_path):
-    import shutil
-
     import openvino as ov
     from openvino import opset13
 
     from idc.core.errors import ParityError
 
-    config, _ = compiled
-    copy = with_overrides(config, "ClassifierSettings", model_dir=str(tmp_path / "model"))
-    shutil.copytree(config.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("bottlenecks", "logs"))
+    copy, _ = model_copy(compiled[0], tmp_path)
     # A "quantized" model that swaps the classes: what a broken calibration could produce.
     good = ov.Core().read_model(copy.model.ir_xml("INT8"))
     swapped = opset13.subtract(opset13.constant(np.float32(1.0)), good.get_results()[0].input_value(0))
@@ -89,15 +87,46 @@ def test_a_worse_int8_model_fails_the_parity_gate(compiled, tmp_path):
         worse.with_suffix(suffix).replace(copy.model.ir_xml("INT8").with_suffix(suffix))
     with pytest.raises(ParityError, match=r"INT8 loses [01]\.[0-9]+ balanced accuracy"):
         check_parity(copy, ["FP16", "INT8"], echo=lambda *_: None)
+    # Removed: "auto" (the default precision) never serves an INT8 IR that failed the gate.
+    assert not copy.model.ir_xml("INT8").exists() and copy.model.ir_xml("FP16").exists()
+    assert served_precision(copy) == "FP16" and load_classifier(copy).precision == "FP16"
 
 
-def test_compile_script_exits_non_zero_when_int8_fails_the_gate(compiled):
-    config, _ = compiled
+def model_copy(config, tmp_path):
+    """The compiled model copied to tmp_path/model (tests that change it leave the module's alone), and
+    a confs.json pointing at it, for the scripts."""
+    copy = with_overrides(config, "ClassifierSettings", model_dir=str(tmp_path / "model"))
+    shutil.copytree(config.model_dir, copy.model_dir, ignore=shutil.ignore_patterns("bottlenecks", "logs"))
+    raw = json.loads(config.path.read_text())
+    raw["ClassifierSettings"]["model_dir"] = str(copy.model_dir)
+    (tmp_path / "confs.json").write_text(json.dumps(raw))
+    return copy, tmp_path / "confs.json"
+
+
+def test_compile_script_exits_non_zero_when_int8_fails_the_gate(compiled, tmp_path):
+    _, copy = model_copy(compiled[0], tmp_path)
     # Demanding that INT8 be 1.0 better than TensorFlow makes any INT8 model fail the gate.
-    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--config", str(config.path), "--precision", "int8",
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--config", str(copy), "--precision", "int8",
                            "--max-int8-drop", "-1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error: INT8 loses" in done.stderr and "TASS Identified" not in done.stdout
+    assert not (tmp_path / "model" / "ir" / "INT8").exists()
+
+
+def test_the_default_precision_compiles_fp16_and_int8_and_serves_int8_on_a_cpu(compiled, tmp_path):
+    config, _ = compiled
+    assert config.OpenVINO.precision == "auto" and config.OpenVINO.device == "CPU"  # the shipped defaults
+    copy, path = model_copy(config, tmp_path)
+    shutil.rmtree(copy.model_dir / "ir")
+    done = subprocess.run(["bash", str(ROOT / "compile_ncs.sh"), "--config", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FP16: agreement" in done.stdout and "INT8: agreement" in done.stdout
+    assert "Serving INT8 on CPU (OpenVINO.precision auto)" in done.stdout
+    assert "inception-v3 on CPU" in done.stdout  # inception_test.py ran on the served IR
+    assert served_precision(copy) == "INT8" and load_classifier(copy).precision == "INT8"
+    # A GPU or NPU runs FP16 natively: "auto" serves FP16 there (the choice alone: no GPU here).
+    assert served_precision(with_overrides(copy, "OpenVINO", device="GPU")) == "FP16"
 
 
 def test_engine_is_thread_safe(compiled):
