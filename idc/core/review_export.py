@@ -9,15 +9,17 @@ reviewed patch, the image itself inside the row (base64), so the one file is the
 | `id` | the queue item's number in the review database |
 | `file` | the name the patch was uploaded under ("" when none was given) |
 | `patient`, `x`, `y` | from a Kaggle patch name (`<patient>_idx5_x<X>_y<Y>_class<C>.png`), else "" |
-| `label` | the reviewed truth: 1 IDC, 0 no IDC; "" when the reviewer was unsure (not training data) |
+| `label` | the reviewed truth, the label the reviewer set: 1 IDC, 0 no IDC; "" when unsure (not training data) |
 | `model_label`, `p_idc` | what the model said (label at its threshold, P(IDC)) |
-| `decision` | agree, disagree or unsure |
+| `decision` | derived from the two: agree (`label` = `model_label`), disagree (they differ), unsure |
 | `note`, `reviewer`, `reviewed_at` | the reviewer's note and name (may be ""), UTC ISO time |
 | `model` | the model that classified it: name, precision, content hash |
 | `sha256` | of the image bytes |
 | `format`, `image_base64` | the image's format (PNG, JPEG, BMP, TIFF) and its bytes, base64 |
 
-`label` follows the decision: agree keeps the model's label, disagree flips it.
+The reviewer sets the label (LABELS: idc, no_idc, unsure); clients of the first station sent a
+decision instead (DECISIONS), which converts to the label against the model's verdict (agree keeps
+it, disagree flips it): `label_of_decision`, `decision_of_label`.
 """
 
 from __future__ import annotations
@@ -35,28 +37,47 @@ from idc.core.errors import ReviewExportError
 
 FIELDS = ("id", "file", "patient", "x", "y", "label", "model_label", "p_idc", "decision", "note", "reviewer",
           "reviewed_at", "model", "sha256", "format", "image_base64")
-DECISIONS = ("agree", "disagree", "unsure")
+LABELS = ("idc", "no_idc", "unsure")  # what a reviewer says the patch is
+DECISIONS = ("agree", "disagree", "unsure")  # the first station's reviews: relative to the model's verdict
+LABEL_VALUES = {"idc": 1, "no_idc": 0, "unsure": None}
 
 
-def reviewed_label(decision: str, model_label: int) -> int | None:
-    """The label a review gives a patch: agree keeps the model's, disagree flips it, unsure gives none."""
-    if decision == "agree":
-        return int(model_label)
-    if decision == "disagree":
-        return 1 - int(model_label)
-    return None
+def label_name(value: int) -> str:
+    """A model label (1, 0) as a reviewer's label ("idc", "no_idc")."""
+    return "idc" if int(value) == 1 else "no_idc"
+
+
+def label_of_decision(decision: str, model_label: int) -> str:
+    """The reviewer's label a decision means: agree keeps the model's label, disagree flips it, unsure."""
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    if decision == "unsure":
+        return "unsure"
+    return label_name(model_label if decision == "agree" else 1 - int(model_label))
+
+
+def decision_of_label(label: str, model_label: int) -> str:
+    """The decision a reviewer's label amounts to: agree when it is the model's, disagree when not, unsure."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
+    if label == "unsure":
+        return "unsure"
+    return "agree" if label == label_name(model_label) else "disagree"
 
 
 def export_row(item: dict) -> dict:
-    """One CSV row (FIELDS) from a reviewed queue item (the review store's dict, with `image`)."""
-    label = reviewed_label(item["decision"], item["label"])
+    """One CSV row (FIELDS) from a reviewed queue item (the review store's dict, with `image`): `label`
+    is the reviewer's label (`review_label`; from the decision for an item that has none)."""
+    review_label = item.get("review_label") or label_of_decision(item["decision"], item["label"])
+    label = LABEL_VALUES[review_label]
     return {
         "id": item["id"], "file": item["name"] or "", "patient": item["patient"] or "",
         "x": "" if item["x"] is None else item["x"], "y": "" if item["y"] is None else item["y"],
         "label": "" if label is None else label, "model_label": item["label"], "p_idc": f"{item['p_idc']:.6f}",
-        "decision": item["decision"], "note": item["note"] or "", "reviewer": item["reviewer"] or "",
-        "reviewed_at": item["reviewed_at"] or "", "model": item["model"] or "", "sha256": item["sha256"],
-        "format": item["format"], "image_base64": base64.b64encode(item["image"]).decode("ascii"),
+        "decision": decision_of_label(review_label, item["label"]), "note": item["note"] or "",
+        "reviewer": item["reviewer"] or "", "reviewed_at": item["reviewed_at"] or "",
+        "model": item["model"] or "", "sha256": item["sha256"], "format": item["format"],
+        "image_base64": base64.b64encode(item["image"]).decode("ascii"),
     }
 
 

@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 import zipfile
 
 import pytest
@@ -193,7 +192,7 @@ def test_flagged_patches_are_queued_reviewed_and_exported(station, flagging_clas
     body = batch(client, [("9000_idx5_x100_y50_class1.png", images["negative"]),
                           ("again.png", images["positive"])]).get_json()  # the same bytes: queued once
     assert body["Results"][1]["ReviewId"] == 1 and body["Results"][0]["ReviewId"] == 2
-    queue = client.get("/api/review/queue").get_json()
+    queue = client.get("/api/review/queue?order=oldest").get_json()
     assert queue["Pending"] == 2 and [item["id"] for item in queue["Items"]] == [1, 2]
     assert queue["Items"][1]["patient"] == "9000" and (queue["Items"][1]["x"], queue["Items"][1]["y"]) == (100, 50)
     image = client.get("/api/review/items/1/image")
@@ -234,13 +233,163 @@ def test_the_queue_survives_a_new_app_on_the_same_file(station, flagging_classif
     assert (item["decision"], item["note"]) == ("unsure", "blurry")
 
 
+def test_the_reviewer_sets_the_label_and_the_decision_follows(station, flagging_classifier, images, tmp_path):
+    import csv
+
+    client = station(classifier=flagging_classifier)
+    images = {**images, "other": image_bytes()}
+    ids = [batch(client, [(name, images[kind])]).get_json()["Results"][0]["ReviewId"]
+           for name, kind in (("pos.png", "positive"), ("neg.png", "negative"), ("other.png", "other"))]
+    pos, neg, other = ids
+    assert len(set(ids)) == 3
+    flipped = client.post(f"/api/review/items/{neg}", json={"label": "idc", "reviewer": "Dr B", "note": "nests"})
+    body = flipped.get_json()
+    assert flipped.status_code == 200 and (body["Label"], body["Decision"]) == ("idc", "disagree")
+    assert body["ResponseMessage"] == f"item {neg}: IDC (the model: no IDC; disagree)"
+    item = body["Item"]
+    assert (item["label"], item["review_label"], item["decision"], item["reviewer"]) == (0, "idc", "disagree", "Dr B")
+    kept = client.post(f"/api/review/items/{pos}", json={"label": "idc"}).get_json()
+    assert (kept["Label"], kept["Decision"], kept["Item"]["review_label"]) == ("idc", "agree", "idc")
+    unsure = client.post(f"/api/review/items/{other}", json={"label": "unsure"}).get_json()
+    assert (unsure["Label"], unsure["Decision"]) == ("unsure", "unsure")
+    # The first station's clients send a decision: converted to the label against the model's verdict.
+    old = client.post(f"/api/review/items/{pos}", json={"decision": "disagree"}).get_json()
+    assert (old["Label"], old["Decision"], old["Item"]["review_label"]) == ("no_idc", "disagree", "no_idc")
+    assert client.post(f"/api/review/items/{pos}", json={"decision": "agree"}).get_json()["Label"] == "idc"
+    for bad, says in (({"label": "IDC"}, "label must be one of idc, no_idc, unsure"),
+                      ({"label": "idc", "decision": "agree"}, "not both"), ({"note": "x"}, "label must be"),
+                      ({"label": 1}, "label must be")):
+        assert_failed(client.post(f"/api/review/items/{pos}", json=bad), 400, says)
+    assert_failed(client.post("/api/review/items/99", json={"label": "idc"}), 404, "no review item 99")
+    # The export: label is the reviewer's, decision derived from it and the model's.
+    export = client.get("/api/review/export.csv").get_data(as_text=True)
+    rows = {int(r["id"]): r for r in csv.DictReader(io.StringIO(export))}
+    assert [(rows[i]["label"], rows[i]["model_label"], rows[i]["decision"]) for i in ids] == [
+        ("1", "1", "agree"), ("1", "0", "disagree"), ("", str(unsure["Item"]["label"]), "unsure")]
+    path = tmp_path / "export.csv"
+    path.write_text(export)
+    assert sorted((int(p.id), p.label) for p in read_csv(path)) == [(pos, 1), (neg, 1)]
+
+
+def seed_queue(path) -> dict:
+    """A queue of known items (threshold 0.5): name -> id; three reviewed."""
+    store = ReviewStore(path)
+    entries = [  # p_idc, model label, flagged by the band, name
+        (0.5165, 1, True, "9036/1/9036_idx5_x1001_y801_class1.png"),
+        (0.4822, 0, True, "9036/0/9036_idx5_x1051_y801_class0.png"),
+        (0.9300, 1, False, "9036/1/9036_idx5_x1101_y801_class1.png"),  # queued as IDC (review_all_idc)
+        (0.5010, 1, True, "10253/1/10253_idx5_x51_y51_class1.png"),
+        (0.3600, 0, True, "loose.png"),
+        (0.6400, 1, True, "10253/0/10253_idx5_x101_y51_class0.png"),
+    ]
+    ids = store.add([QueueEntry(image_bytes(colour=(i, 100, 150)), "PNG", p, label, review, name)
+                     for i, (p, label, review, name) in enumerate(entries)])
+    named = {name.rsplit("/", 1)[-1]: item_id for (_, _, _, name), item_id in zip(entries, ids)}
+    store.review(named["9036_idx5_x1051_y801_class0.png"], "idc")  # disagrees
+    store.review(named["10253_idx5_x101_y51_class0.png"], "idc")  # agrees
+    store.review(named["loose.png"], "unsure")
+    return named
+
+
+def test_the_queue_is_most_uncertain_first_with_filters(station, flagging_classifier, tmp_path):
+    named = seed_queue(tmp_path / "review.sqlite3")
+    client = station(classifier=flagging_classifier)  # threshold 0.5
+
+    def names(query=""):
+        body = client.get("/api/review/queue" + query).get_json()
+        return [item["name"].rsplit("/", 1)[-1].split("_class")[0] for item in body["Items"]], body
+
+    order, body = names()
+    assert order == ["10253_idx5_x51_y51", "9036_idx5_x1001_y801", "9036_idx5_x1101_y801"]  # |p - 0.5| ascending
+    assert (body["Order"], body["Threshold"], body["Pending"], body["Reviewed"], body["Matching"]) == (
+        "uncertain", 0.5, 3, 3, 3)
+    assert body["Patients"] == ["9036", "10253"]
+    assert names("?status=all")[0] == ["10253_idx5_x51_y51", "9036_idx5_x1001_y801", "9036_idx5_x1051_y801",
+                                       "loose.png", "10253_idx5_x101_y51", "9036_idx5_x1101_y801"]
+    assert names("?status=all&order=oldest")[0][:2] == ["9036_idx5_x1001_y801", "9036_idx5_x1051_y801"]
+    assert names("?status=all&order=newest")[0][0] == "10253_idx5_x101_y51"
+    assert names("?status=all&order=reviewed")[0][3:] == ["10253_idx5_x51_y51", "9036_idx5_x1101_y801",
+                                                           "9036_idx5_x1001_y801"]  # the pending ones last
+    needs, body = names("?needs_review=1")
+    assert needs == ["10253_idx5_x51_y51", "9036_idx5_x1001_y801"] and body["Matching"] == 2
+    assert names("?status=all&disagreements=1")[0] == ["9036_idx5_x1051_y801"]  # not the agreement, not unsure
+    assert names("?disagreements=true")[0] == []  # filters AND with the status: a disagreement is reviewed
+    assert names("?status=all&patient=10253")[0] == ["10253_idx5_x51_y51", "10253_idx5_x101_y51"]
+    assert names("?status=all&patient=10253&needs_review=1&limit=1")[1]["Matching"] == 2
+    assert names("?patient=nobody")[0] == [] and names("?needs_review=0")[1]["Matching"] == 3
+    for bad, says in (("order=random", "order must be one of uncertain, oldest, newest, reviewed"),
+                      ("status=done", "status must be one of pending, reviewed, all"),
+                      ("needs_review=maybe", "needs_review must be 1 or 0"),
+                      ("disagreements=2", "disagreements must be"), ("patient=" + "9" * 101, "patient must be")):
+        assert_failed(client.get("/api/review/queue?" + bad), 400, says)
+    [disagreement] = client.get("/api/review/queue?status=reviewed&disagreements=1").get_json()["Items"]
+    assert disagreement["id"] == named["9036_idx5_x1051_y801_class0.png"]
+    assert (disagreement["label"], disagreement["review_label"], disagreement["decision"]) == (0, "idc", "disagree")
+
+
+OLD_SCHEMA = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL UNIQUE,
+    name TEXT, patient TEXT, x INTEGER, y INTEGER,
+    format TEXT NOT NULL, image BLOB NOT NULL,
+    p_idc REAL NOT NULL, label INTEGER NOT NULL, needs_review INTEGER NOT NULL,
+    reason TEXT NOT NULL, model TEXT, created_at TEXT NOT NULL,
+    decision TEXT, note TEXT, reviewer TEXT, reviewed_at TEXT
+);
+CREATE INDEX items_by_decision ON items (decision, id);
+"""
+
+
+def test_a_queue_from_before_the_label_is_migrated(station, flagging_classifier, tmp_path):
+    """A review.sqlite3 of the first station (decisions only) gets the reviewer's label, derived from them."""
+    db = tmp_path / "review.sqlite3"
+    old = sqlite3.connect(db)
+    old.executescript(OLD_SCHEMA)
+    rows = [(1, "agree"), (0, "agree"), (1, "disagree"), (0, "disagree"), (1, "unsure"), (0, None)]
+    for i, (label, decision) in enumerate(rows):
+        old.execute("INSERT INTO items (sha256, name, format, image, p_idc, label, needs_review, reason, created_at, "
+                    "decision, reviewed_at) VALUES (?, ?, 'PNG', ?, ?, ?, 1, 'review', '2024-01-02T03:04:05+00:00', "
+                    "?, ?)", (f"h{i}", f"old{i}.png", image_bytes(colour=(i, 0, 0)), 0.45 + 0.02 * i, label,
+                              decision, decision and "2024-01-02T03:05:00+00:00"))
+    old.commit()
+    old.close()
+    client = station(classifier=flagging_classifier)
+    items = client.get("/api/review/queue?status=all&order=oldest").get_json()["Items"]
+    assert [(i["review_label"], i["decision"]) for i in items] == [
+        ("idc", "agree"), ("no_idc", "agree"), ("no_idc", "disagree"), ("idc", "disagree"), ("unsure", "unsure"),
+        (None, None)]
+    export = client.get("/api/review/export.csv").get_data(as_text=True)
+    assert [line.split(",")[5] for line in export.splitlines()[1:]] == ["1", "0", "0", "1", ""]  # the label column
+    assert client.post("/api/review/items/6", json={"label": "idc"}).get_json()["Decision"] == "disagree"
+    again = ReviewStore(db)  # a second opening finds it migrated: nothing changes
+    assert again.item(3)["review_label"] == "no_idc" and again.counts() == {"pending": 0, "reviewed": 6}
+    columns = [row[1] for row in sqlite3.connect(db).execute("PRAGMA table_info(items)")]
+    assert columns.count("review_label") == 1
+
+
+def test_the_pages_state_the_decision_rule_and_p_idc(station, flagging_classifier, tiny_classifier):
+    client = station(classifier=flagging_classifier)
+    for path in ("/", "/review"):
+        text = client.get(path).get_data(as_text=True)
+        assert "IDC when P(IDC) \u2265 0.5; needs review within \u00b10.499999 of it (0.000001 &lt; P(IDC) &lt; " \
+               "0.999999)" in text, path
+        assert "confidence" not in text.lower()
+    assert 'data-threshold="0.5"' in client.get("/review").get_data(as_text=True)
+    rule = f"IDC when P(IDC) \u2265 {tiny_classifier.threshold:.6f}".rstrip("0").rstrip(".")
+    assert rule in station().get("/").get_data(as_text=True)
+    assert "No model loaded: no decision rule" in station(classifier=None).get("/review").get_data(as_text=True)
+    for asset in ("classify.js", "review.js"):
+        assert b"onfidence" not in client.get(f"/ui/{asset}").data.replace(b"result.Confidence", b"")
+
+
 WRITER = """
 import sys
 from idc.edge.web.store import QueueEntry, ReviewStore
 store, worker = ReviewStore(sys.argv[1]), int(sys.argv[2])
 for i in range(50):
     [item] = store.add([QueueEntry(f"{worker}-{i}".encode(), "PNG", 0.5, 0, True, f"w{worker}_{i}.png")])
-    store.review(item, "agree", note=f"by {worker}", reviewer=f"writer {worker}")
+    store.review(item, "no_idc", note=f"by {worker}", reviewer=f"writer {worker}")
 """
 
 
@@ -306,7 +455,7 @@ def test_a_bad_export_is_a_clear_error(tmp_path):
         read_csv(path)
     store = ReviewStore(tmp_path / "r.sqlite3")
     [item] = store.add([QueueEntry(b"\x89PNG fake", "PNG", 0.6, 1, True, "a.png")])
-    store.review(item, "agree")
+    store.review(item, "idc")
     from idc.core.review_export import write_csv
 
     with path.open("w", newline="") as f:
@@ -418,7 +567,7 @@ def test_export_becomes_extra_training_data(tmp_path):
                      QueueEntry(patch + b"x", "PNG", 0.5, 0, True, f"{test_patient}_idx5_x0_y0_class0.png"),
                      QueueEntry(patch + b"y", "PNG", 0.5, 0, True, "upload.png")])
     for item_id, decision in zip(ids, ("disagree", "agree", "unsure")):
-        store.review(item_id, decision)
+        store.review(item_id, decision=decision)  # as the first station's clients did
     export = tmp_path / "reviews.csv"
     with export.open("w", newline="") as f:
         assert write_csv(store.reviewed_with_images(), f) == 3

@@ -2,8 +2,9 @@
 
 `ReviewStore` keeps the queue in one embedded file (`Server.review_db`, by default
 `review.sqlite3` in the model directory): every patch the model flags for review (and, with
-`Server.review_all_idc`, every IDC verdict) is stored with its image and verdict; a reviewer marks
-it agree / disagree / unsure with an optional note and name. It survives restarts; several
+`Server.review_all_idc`, every IDC verdict) is stored with its image and verdict; a reviewer sets
+its label (IDC / no IDC / unsure; `decision`, agree / disagree / unsure, follows from it and the
+model's verdict) with an optional note and name. It survives restarts; several
 processes may write to it at once (WAL journal, a busy timeout, one short transaction per write).
 A database that is corrupt, locked for longer than the busy timeout or unwritable raises
 ReviewStoreError with a message that says what to do. `QueueWriter` queues single-image results
@@ -26,7 +27,7 @@ from pathlib import Path
 from idc.core.bundle import parse_patch_name
 from idc.core.config import Config
 from idc.core.errors import ReviewStoreError
-from idc.core.review_export import DECISIONS
+from idc.core.review_export import DECISIONS, LABELS, decision_of_label, label_of_decision
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,28 @@ CREATE TABLE IF NOT EXISTS items (
     format TEXT NOT NULL, image BLOB NOT NULL,
     p_idc REAL NOT NULL, label INTEGER NOT NULL, needs_review INTEGER NOT NULL,
     reason TEXT NOT NULL, model TEXT, created_at TEXT NOT NULL,
-    decision TEXT, note TEXT, reviewer TEXT, reviewed_at TEXT
+    decision TEXT, note TEXT, reviewer TEXT, reviewed_at TEXT, review_label TEXT
 );
 CREATE INDEX IF NOT EXISTS items_by_decision ON items (decision, id);
 """
+# `label` is the model's verdict (1 IDC, 0 no IDC); `review_label` the reviewer's (LABELS), null while pending;
+# `decision` (DECISIONS) follows from the two.
 COLUMNS = ("id", "sha256", "name", "patient", "x", "y", "format", "p_idc", "label", "needs_review", "reason",
-           "model", "created_at", "decision", "note", "reviewer", "reviewed_at")
+           "model", "created_at", "decision", "note", "reviewer", "reviewed_at", "review_label")
+# A queue written before the reviewer set the label has no review_label: added, and derived from the decision.
+MIGRATE_REVIEW_LABEL = (
+    "ALTER TABLE items ADD COLUMN review_label TEXT",
+    "UPDATE items SET review_label = CASE decision WHEN 'unsure' THEN 'unsure' "
+    "WHEN 'agree' THEN (CASE WHEN label = 1 THEN 'idc' ELSE 'no_idc' END) "
+    "WHEN 'disagree' THEN (CASE WHEN label = 1 THEN 'no_idc' ELSE 'idc' END) END WHERE decision IS NOT NULL",
+)
+ORDERS = {  # the queue's orders: ORDER BY, with the threshold as the first parameter of "uncertain"
+    "uncertain": "abs(p_idc - ?), id",  # closest to the threshold (most uncertain) first
+    "oldest": "id",
+    "newest": "id DESC",
+    "reviewed": "reviewed_at IS NULL, reviewed_at DESC, id DESC",  # latest review first
+}
+STATUSES = {"pending": "decision IS NULL", "reviewed": "decision IS NOT NULL", "all": "1"}
 
 
 def review_db_path(config: Config) -> Path:
@@ -124,6 +141,7 @@ class ReviewStore:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(SCHEMA)
+                self._migrate(conn)
                 missing = set(COLUMNS) - {row[1] for row in conn.execute("PRAGMA table_info(items)")}
                 if missing:
                     raise ReviewStoreError(f"review database {self.path} has a table 'items' without the "
@@ -132,6 +150,27 @@ class ReviewStore:
             finally:
                 conn.close()
             self._ready = True
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add review_label to a queue made before it (once, under the write lock: another process may be
+        migrating the same file), its reviewed rows' labels derived from their decisions."""
+        def columns():
+            return {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+
+        if "review_label" in columns() or not {"decision", "label"} <= columns():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if "review_label" not in columns():
+                for statement in MIGRATE_REVIEW_LABEL:
+                    conn.execute(statement)
+                log.info("review database %s: added the reviewer's label, derived from %d decisions", self.path,
+                         conn.execute("SELECT count(*) FROM items WHERE decision IS NOT NULL").fetchone()[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def _db(self, write: bool = False):
@@ -187,14 +226,46 @@ class ReviewStore:
                 "SELECT count(*) FILTER (WHERE decision IS NULL), count(*) FROM items").fetchone()
         return {"pending": pending, "reviewed": total - pending}
 
-    def items(self, status: str = "pending", limit: int = 100, offset: int = 0) -> list[dict]:
-        """Queue items without their images: pending oldest first, reviewed newest first."""
-        where, order = {"pending": ("decision IS NULL", "id"), "all": ("1", "id"),
-                        "reviewed": ("decision IS NOT NULL", "reviewed_at DESC, id DESC")}[status]
+    @staticmethod
+    def _where(status: str, needs_review: bool, disagreements: bool, patient: str | None) -> tuple[str, list]:
+        clauses, params = [STATUSES[status]], []
+        if needs_review:
+            clauses.append("needs_review = 1")
+        if disagreements:  # reviewed, and the reviewer's label is not the model's
+            clauses.append("review_label IN ('idc', 'no_idc') AND "
+                           "review_label <> CASE WHEN label = 1 THEN 'idc' ELSE 'no_idc' END")
+        if patient is not None:
+            clauses.append("patient = ?")
+            params.append(patient)
+        return " AND ".join(clauses), params
+
+    def items(self, status: str = "pending", limit: int = 100, offset: int = 0, *, order: str = "uncertain",
+              threshold: float = 0.5, needs_review: bool = False, disagreements: bool = False,
+              patient: str | None = None) -> list[dict]:
+        """Queue items without their images, `order` (ORDERS; "uncertain": |p_idc - threshold| ascending),
+        filtered: status (pending, reviewed, all), flagged by the review band only, disagreements only, one
+        patient only."""
+        where, params = self._where(status, needs_review, disagreements, patient)
+        ordering = ORDERS[order]
         with self._db() as conn:
-            rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE {where} ORDER BY {order} "
-                                "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+            rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE {where} ORDER BY {ordering} "
+                                "LIMIT ? OFFSET ?",
+                                (*params, *([float(threshold)] if order == "uncertain" else []), limit, offset)
+                                ).fetchall()
         return [_item(row) for row in rows]
+
+    def matching(self, status: str = "pending", *, needs_review: bool = False, disagreements: bool = False,
+                 patient: str | None = None) -> int:
+        """How many items `items` would list with these filters and no limit."""
+        where, params = self._where(status, needs_review, disagreements, patient)
+        with self._db() as conn:
+            return conn.execute(f"SELECT count(*) FROM items WHERE {where}", params).fetchone()[0]
+
+    def patients(self) -> list[str]:
+        """The patients of the queued items (from Kaggle patch names), sorted."""
+        with self._db() as conn:
+            rows = conn.execute("SELECT DISTINCT patient FROM items WHERE patient IS NOT NULL").fetchall()
+        return sorted((row[0] for row in rows), key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0, p))
 
     def item(self, item_id: int) -> dict | None:
         with self._db() as conn:
@@ -206,14 +277,27 @@ class ReviewStore:
             row = conn.execute("SELECT image, format FROM items WHERE id = ?", (item_id,)).fetchone()
         return (bytes(row["image"]), row["format"]) if row else None
 
-    def review(self, item_id: int, decision: str, note: str = "", reviewer: str = "") -> dict | None:
-        """Record a decision (a later one replaces it); None when there is no such item."""
-        if decision not in DECISIONS:
+    def review(self, item_id: int, label: str | None = None, note: str = "", reviewer: str = "", *,
+               decision: str | None = None) -> dict | None:
+        """Record the reviewer's label (LABELS; a later review replaces it), or, as the first station's
+        clients did, a decision (DECISIONS), converted to the label against the model's verdict. The item
+        keeps both. None when there is no such item."""
+        if (label is None) == (decision is None):
+            raise ValueError("give a label or a decision")
+        if label is not None and label not in LABELS:
+            raise ValueError(f"label must be one of {', '.join(LABELS)}")
+        if decision is not None and decision not in DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
         with self._db(write=True) as conn:
-            changed = conn.execute("UPDATE items SET decision = ?, note = ?, reviewer = ?, reviewed_at = ? WHERE id = ?",
-                                   (decision, note or None, reviewer or None, utc_now(), item_id)).rowcount
-        return self.item(item_id) if changed else None
+            row = conn.execute("SELECT label FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            if label is None:
+                label = label_of_decision(decision, row["label"])
+            conn.execute("UPDATE items SET review_label = ?, decision = ?, note = ?, reviewer = ?, reviewed_at = ? "
+                         "WHERE id = ?", (label, decision_of_label(label, row["label"]), note or None,
+                                          reviewer or None, utc_now(), item_id))
+        return self.item(item_id)
 
     def reviewed_with_images(self, page: int = 200):
         """Every reviewed item with its image, in id order (read page by page)."""

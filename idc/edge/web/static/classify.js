@@ -1,5 +1,6 @@
 // The classify page: drop images or a patient's zip, stream verdicts from POST /api/infer/batch
-// (NDJSON), and draw each patient's mosaic with the P(IDC) overlay.
+// (NDJSON), and draw each patient's mosaic with the P(IDC) overlay beside the results: a click on a
+// mosaic cell scrolls to its result row and highlights it; a row's "on the slide" button marks its cell.
 "use strict";
 (() => {
   const body = document.body;
@@ -7,8 +8,8 @@
   const maxUpload = parseInt(body.dataset.maxUpload, 10);
   const maxFiles = parseInt(body.dataset.maxFiles, 10);
   const tbody = document.querySelector("#results tbody");
-  const mosaics = new Map();  // patient -> {canvas, ctx, cells, minX, minY, scale}
-  let counts = {done: 0, idc: 0, review: 0, failed: 0, total: 0};
+  const mosaics = new Map();  // patient -> {section, canvas, cells: file -> cell, extent, minX, minY, scale, selected}
+  let counts = {done: 0, idc: 0, review: 0, failed: 0, total: 0}, rows = 0;
 
   function summary() {
     document.getElementById("summary").textContent =
@@ -36,20 +37,24 @@
         const section = document.createElement("div");
         section.className = "mosaic";
         section.dataset.patient = patient;
-        section.innerHTML = `<h2>Patient ${patient}: <span class="count"></span></h2><canvas></canvas>
+        section.innerHTML = `<h2>Patient <span class="patient"></span>: <span class="count"></span></h2>
+          <canvas title="click a patch to see its result"></canvas>
           <div class="legend"><span>no IDC</span><span class="ramp"></span><span>IDC</span>
           <span><span class="flag">&nbsp;</span> needs review</span>
           <label><input type="checkbox" class="show-overlay" checked> P(IDC) overlay</label></div>`;
+        section.querySelector(".patient").textContent = patient;
         document.getElementById("mosaics").appendChild(section);
-        mosaic = {section, canvas: section.querySelector("canvas"), cells: new Map(), extent: []};
+        document.getElementById("workspace").classList.add("with-mosaic");
+        mosaic = {section, canvas: section.querySelector("canvas"), cells: new Map(), extent: [], selected: null};
         section.querySelector(".show-overlay").addEventListener("change", () => redraw(mosaic));
+        mosaic.canvas.addEventListener("click", event => clickMosaic(mosaic, event));
         mosaics.set(patient, mosaic);
       }
       mosaic.extent = mosaic.extent.concat(cells);
       const xs = mosaic.extent.map(c => c[0]), ys = mosaic.extent.map(c => c[1]);
       mosaic.minX = Math.min(...xs); mosaic.minY = Math.min(...ys);
       const width = Math.max(...xs) - mosaic.minX + 50, height = Math.max(...ys) - mosaic.minY + 50;
-      mosaic.scale = Math.min(1, 1100 / width);
+      mosaic.scale = Math.min(1, 1000 / width, 1000 / height);
       mosaic.canvas.width = Math.ceil(width * mosaic.scale);
       mosaic.canvas.height = Math.ceil(height * mosaic.scale);
       redraw(mosaic);
@@ -70,13 +75,53 @@
     }
   }
 
+  function drawSelected(mosaic) {
+    const cell = mosaic.cells.get(mosaic.selected);
+    if (!cell) return;
+    const ctx = mosaic.canvas.getContext("2d"), s = mosaic.scale;
+    const x = (cell.x - mosaic.minX) * s, y = (cell.y - mosaic.minY) * s, w = 50 * s, line = Math.max(2, 3 * s);
+    ctx.lineWidth = line;
+    ctx.strokeStyle = "#000"; ctx.strokeRect(x + line / 2, y + line / 2, w - line, w - line);
+    ctx.strokeStyle = "#fff"; ctx.strokeRect(x + 1.5 * line, y + 1.5 * line, w - 3 * line, w - 3 * line);
+  }
+
   function redraw(mosaic) {
     const ctx = mosaic.canvas.getContext("2d");
     ctx.clearRect(0, 0, mosaic.canvas.width, mosaic.canvas.height);
     for (const cell of mosaic.cells.values()) drawCell(mosaic, cell);
+    drawSelected(mosaic);
     const n = mosaic.cells.size, idc = [...mosaic.cells.values()].filter(c => c.p >= threshold).length;
     mosaic.section.querySelector(".count").textContent = `${n} patches, ${idc} IDC`;
     mosaic.section.dataset.cells = String(n);
+  }
+
+  // Select one patch of a mosaic: its row highlighted, its cell framed; reveal the row or the cell.
+  function select(mosaic, file, reveal) {
+    for (const other of mosaics.values()) {
+      if (other !== mosaic && other.selected) { other.selected = null; other.section.dataset.selected = ""; redraw(other); }
+    }
+    const cell = mosaic.cells.get(file);
+    if (!cell) return;
+    for (const row of tbody.querySelectorAll("tr.selected")) row.classList.remove("selected");
+    cell.row.classList.add("selected");
+    mosaic.selected = file;
+    mosaic.section.dataset.selected = cell.row.id;
+    redraw(mosaic);
+    if (reveal === "row") {
+      cell.row.scrollIntoView({block: "center"});
+      cell.row.focus({preventScroll: true});
+    } else {
+      mosaic.section.scrollIntoView({block: "nearest"});
+    }
+  }
+
+  function clickMosaic(mosaic, event) {
+    const rect = mosaic.canvas.getBoundingClientRect();
+    const x = (event.clientX - rect.left) * (mosaic.canvas.width / rect.width) / mosaic.scale + mosaic.minX;
+    const y = (event.clientY - rect.top) * (mosaic.canvas.height / rect.height) / mosaic.scale + mosaic.minY;
+    for (const [file, cell] of mosaic.cells) {
+      if (x >= cell.x && x < cell.x + 50 && y >= cell.y && y < cell.y + 50) { select(mosaic, file, "row"); return; }
+    }
   }
 
   function loadImage(src) {
@@ -93,32 +138,46 @@
     const row = document.createElement("tr");
     const local = localFiles.get(result.File);
     const src = result.Image || (local ? URL.createObjectURL(local) : "");
-    row.dataset.file = result.File;
+    const name = Station.displayName(result.File);  // never the class a Kaggle name carries
+    row.id = `result-${++rows}`;
+    row.tabIndex = -1;
+    row.dataset.file = name;
     if (result.Response !== "OK") {
       counts.failed++;
       row.className = "failed";
       row.dataset.verdict = "failed";
-      row.innerHTML = `<td></td><td></td><td colspan="4"></td>`;
-      row.children[1].textContent = result.File;
+      row.innerHTML = `<td></td><td class="file"></td><td colspan="4" class="why"></td>`;
+      row.children[1].textContent = row.children[1].title = name;
       row.children[2].textContent = `failed (${result.Status}): ${result.ResponseMessage}`;
     } else {
       counts.idc += result.Results;
       counts.review += result.NeedsReview ? 1 : 0;
       row.dataset.verdict = result.Results ? "IDC" : "no IDC";
-      row.innerHTML = `<td><img alt=""></td><td></td><td class="verdict-${result.Results}"></td><td></td><td></td><td></td>`;
+      row.dataset.p = String(result.Confidence);
+      row.innerHTML = `<td><img alt=""></td><td class="file"></td><td class="verdict-${result.Results}"></td>` +
+        `<td class="p"></td><td></td><td class="slide"></td>`;
       if (src) row.querySelector("img").src = src;
-      row.children[1].textContent = result.File;
+      row.children[1].textContent = row.children[1].title = name;
       row.children[2].textContent = result.Results ? "IDC" : "no IDC";
-      row.children[3].textContent = result.Confidence.toFixed(4);
-      const confidence = result.Results ? result.Confidence : 1 - result.Confidence;
-      row.children[4].textContent = Station.percent(confidence);
+      row.children[3].textContent = Station.p(result.Confidence);
+      row.children[3].title = Station.margin(result.Confidence, threshold);
       if (result.NeedsReview) {
-        row.children[5].innerHTML = `<a class="flag" href="/review">needs review</a>`;
+        row.children[4].innerHTML = `<a class="flag" href="/review">needs review</a>`;
       }
       if (result.Patient !== null && mosaics.has(result.Patient)) {
         const mosaic = mosaics.get(result.Patient);
-        const cell = {x: result.X, y: result.Y, p: result.Confidence, review: result.NeedsReview, image: null};
+        const cell = {x: result.X, y: result.Y, p: result.Confidence, review: result.NeedsReview, image: null, row};
         mosaic.cells.set(result.File, cell);
+        row.dataset.patient = result.Patient;
+        row.dataset.x = String(result.X);
+        row.dataset.y = String(result.Y);
+        const locate = document.createElement("button");
+        locate.type = "button";
+        locate.className = "locate";
+        locate.title = `show it on patient ${result.Patient}'s mosaic`;
+        locate.textContent = `x ${result.X}, y ${result.Y}`;
+        locate.addEventListener("click", () => select(mosaic, result.File, "cell"));
+        row.children[5].appendChild(locate);
         drawCell(mosaic, cell);
         if (src) loadImage(src).then(img => { cell.image = img; drawCell(mosaic, cell); });
         mosaic.section.querySelector(".count").textContent = `${mosaic.cells.size} patches`;

@@ -1,64 +1,152 @@
-// The review queue: each flagged patch with its verdict; agree / disagree / unsure with a note.
+// The review queue: each queued patch with the model's verdict; the reviewer sets the label
+// (IDC / no IDC / unsure) with a note. Most uncertain first (closest to the threshold), with filters.
 "use strict";
 (() => {
   const queue = document.getElementById("queue");
   const reviewer = document.getElementById("reviewer");
-  const filter = document.getElementById("filter");
+  const filter = document.getElementById("filter"), order = document.getElementById("order");
+  const needsReview = document.getElementById("needs-review"), disagreements = document.getElementById("disagreements");
+  const patient = document.getElementById("patient");
+  const threshold = parseFloat(document.body.dataset.threshold);
+  const LABELS = {idc: "IDC", no_idc: "no IDC", unsure: "unsure"};
   reviewer.value = sessionStorage.getItem("idc-reviewer") || "";
   reviewer.addEventListener("change", () => sessionStorage.setItem("idc-reviewer", reviewer.value.trim()));
 
+  function line(className) {
+    const el = document.createElement("div");
+    el.className = "line " + className;
+    return el;
+  }
+
   function card(item) {
     const el = document.createElement("article");
-    el.className = "card" + (item.decision ? " done" : "");
+    el.className = "card";
     el.dataset.id = item.id;
-    el.innerHTML = `<img alt="patch"><div class="meta">
-        <div><span class="verdict-${item.label}"></span> · P(IDC) <span class="p"></span>
-          ${item.needs_review ? '<span class="flag">needs review</span>' : ""}</div>
-        <div class="name"></div><div class="when"></div><div class="decision"></div>
-        <textarea placeholder="note (optional)" maxlength="2000"></textarea></div>
-      <div class="actions"><button class="agree">Agree</button><button class="disagree">Disagree</button>
-        <button class="unsure">Unsure</button></div>`;
+    el.dataset.p = String(item.p_idc);
+    el.dataset.label = item.label ? "idc" : "no_idc";
+    el.innerHTML = `<img alt="patch"><div class="meta"></div>
+      <div class="act"><div class="actions" role="group" aria-label="the reviewer's label">
+        <button type="button" class="label-idc" data-label="idc">IDC</button>
+        <button type="button" class="label-no_idc" data-label="no_idc">no IDC</button>
+        <button type="button" class="label-unsure" data-label="unsure">unsure</button></div>
+        <textarea placeholder="note (optional)" maxlength="2000" aria-label="note"></textarea></div>`;
     el.querySelector("img").src = `/api/review/items/${item.id}/image`;
-    el.querySelector(`.verdict-${item.label}`).textContent = item.label ? "IDC" : "no IDC";
-    el.querySelector(".p").textContent = item.p_idc.toFixed(4);
-    el.querySelector(".name").textContent = item.name || "(no file name)";
-    el.querySelector(".when").textContent = `queued ${item.created_at}` + (item.patient ? ` · patient ${item.patient} (${item.x}, ${item.y})` : "");
+    const meta = el.querySelector(".meta");
+
+    const model = line("model");
+    model.innerHTML = `<span class="who">Model:</span> <strong class="verdict-${item.label}"></strong>` +
+      ` · P(IDC) <span class="p"></span>` + (item.needs_review ? ` <span class="flag">needs review</span>` : "") +
+      (Number.isFinite(threshold) ? ` · <span class="margin"></span>` : "");
+    model.querySelector("strong").textContent = item.label ? "IDC" : "no IDC";
+    model.querySelector(".p").textContent = Station.p(item.p_idc);
+    if (Number.isFinite(threshold)) model.querySelector(".margin").textContent = Station.margin(item.p_idc, threshold);
+
+    const name = line("name");
+    name.textContent = Station.displayName(item.name) || "(no file name)";
+    name.title = name.textContent;
+    if (item.patient) {
+      const where = document.createElement("span");
+      where.className = "where";
+      where.textContent = ` · patient ${item.patient} (x ${item.x}, y ${item.y})`;
+      name.appendChild(where);
+    }
+    const when = line("when");
+    when.append("queued ", Station.time(item.created_at));
+    meta.append(model, name, when, line("reviewed"));
+
     el.querySelector("textarea").value = item.note || "";
-    showDecision(el, item);
-    for (const decision of ["agree", "disagree", "unsure"]) {
-      el.querySelector(`button.${decision}`).addEventListener("click", () => decide(el, item.id, decision));
+    showReview(el, item);
+    for (const button of el.querySelectorAll(".actions button")) {
+      button.addEventListener("click", () => setLabel(el, item.id, button.dataset.label));
     }
     return el;
   }
 
-  function showDecision(el, item) {
-    el.querySelector(".decision").textContent = item.decision
-      ? `${item.decision}${item.reviewer ? " by " + item.reviewer : ""} at ${item.reviewed_at}` : "";
+  function showReview(el, item) {
+    const reviewed = el.querySelector(".reviewed");
+    el.dataset.reviewLabel = item.review_label || "";
     el.dataset.decision = item.decision || "";
+    el.classList.toggle("done", !!item.review_label);
+    el.classList.toggle("disagrees", item.decision === "disagree");
+    for (const button of el.querySelectorAll(".actions button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.label === item.review_label));
+    }
+    reviewed.replaceChildren();
+    if (!item.review_label) { reviewed.textContent = "Not reviewed yet"; return; }
+    const label = document.createElement("strong");
+    label.textContent = LABELS[item.review_label];
+    label.className = item.review_label === "unsure" ? "" : `verdict-${item.review_label === "idc" ? 1 : 0}`;
+    reviewed.append("Reviewed: ", label);
+    if (item.reviewer) {
+      const who = document.createElement("span");
+      who.className = "reviewer";
+      who.textContent = item.reviewer;
+      reviewed.append(", by ", who);
+    }
+    reviewed.append(", at ", Station.time(item.reviewed_at));
+    if (item.decision === "disagree") {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = "differs from the model";
+      reviewed.append(" ", badge);
+    }
   }
 
-  async function decide(el, id, decision) {
+  async function setLabel(el, id, label) {
     const response = await fetch(`/api/review/items/${id}`, {
       method: "POST", headers: Station.headers({"Content-Type": "application/json"}),
-      body: JSON.stringify({decision, note: el.querySelector("textarea").value, reviewer: reviewer.value.trim()}),
+      body: JSON.stringify({label, note: el.querySelector("textarea").value, reviewer: reviewer.value.trim()}),
     });
     if (!response.ok) { Station.status(`not saved: ${await Station.failure(response)}`, true); return; }
     const item = (await response.json()).Item;
-    el.classList.add("done");
-    showDecision(el, item);
-    Station.status(`item ${id}: ${decision} saved`);
+    showReview(el, item);
+    Station.status(`item ${id} saved: ${LABELS[item.review_label]}` +
+      (item.decision === "disagree" ? " (the model said " + (item.label ? "IDC" : "no IDC") + ")" : ""));
     Station.refreshCount();
   }
 
+  function fillPatients(patients) {
+    const chosen = patient.value;
+    const options = [new Option("all", "")].concat(patients.map(p => new Option(p, p)));
+    patient.replaceChildren(...options);
+    patient.value = patients.includes(chosen) ? chosen : "";
+  }
+
+  let loads = 0;  // only the latest load fills the queue (filters changed quickly)
   async function load() {
-    const response = await fetch(`/api/review/queue?status=${filter.value}&limit=200`);
+    const seq = ++loads;
+    queue.dataset.loaded = "no";
+    const query = new URLSearchParams({status: filter.value, order: order.value, limit: "200"});
+    if (needsReview.checked) query.set("needs_review", "1");
+    if (disagreements.checked) query.set("disagreements", "1");
+    if (patient.value) query.set("patient", patient.value);
+    const response = await fetch(`/api/review/queue?${query}`);
+    if (seq !== loads) return;
     if (!response.ok) { Station.status(await Station.failure(response), true); queue.dataset.loaded = "error"; return; }
     const body = await response.json();
+    if (seq !== loads) return;
+    fillPatients(body.Patients);
     queue.replaceChildren(...body.Items.map(card));
-    Station.status(`${body.Pending} waiting, ${body.Reviewed} reviewed`);
+    const shown = body.Items.length < body.Matching ? `${body.Items.length} of ${body.Matching}` : `${body.Matching}`;
+    Station.status(`${shown} shown · ${body.Pending} waiting, ${body.Reviewed} reviewed`);
+    if (!body.Items.length) {
+      const empty = document.createElement("p");
+      empty.className = "empty";
+      empty.textContent = "Nothing here with these filters.";
+      queue.replaceChildren(empty);
+    }
     queue.dataset.loaded = "yes";
   }
 
-  filter.addEventListener("change", load);
+  // A disagreement is a reviewed item: "disagreements only" shows reviewed items, "waiting" clears it.
+  disagreements.addEventListener("change", () => {
+    if (disagreements.checked && filter.value === "pending") filter.value = "reviewed";
+    load();
+  });
+  filter.addEventListener("change", () => {
+    if (filter.value === "pending") disagreements.checked = false;
+    load();
+  });
+  for (const control of [order, needsReview, patient]) control.addEventListener("change", load);
   load();
 })();
