@@ -1,5 +1,5 @@
-"""The saved Keras model: its custom layers (test-time views, mean+std pooling, stain normalisation)
-and its loader.
+"""The saved Keras model: its custom layers (test-time views, mean+std pooling, the patch CNN's
+BatchNorm and dropout, stain normalisation) and its loader.
 
 Defining the layers registers them with Keras, so that `keras.models.load_model` can rebuild a
 trained model. Shared by training and the edge's Keras fallback; it imports TensorFlow, so it lives
@@ -69,6 +69,71 @@ class MeanStdPooling(keras.layers.Layer):
         # Two passes (mean of squared deviations), not E[x^2] - E[x]^2: stable in reduced precision.
         std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2)) + 1e-6)
         return ops.concatenate([ops.squeeze(mean, axis=(1, 2)), std], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class GlobalBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization over the global batch: the sums behind each channel's mean and variance are
+    taken over every replica's rows (an all-reduce, as Keras's synchronized BatchNorm does) in
+    float64, so they do not depend on how many replicas share the batch, nor in what order their
+    float32 sums add up; one worker and N workers train the same model (to float32 rounding)."""
+
+    def __init__(self, **kwargs):
+        kwargs.pop("synchronized", None)
+        super().__init__(synchronized=True, **kwargs)
+
+    def _moments(self, inputs, mask):
+        if mask is not None:
+            return super()._moments(inputs, mask)
+        import tensorflow as tf  # the all-reduce over the strategy's replicas (a TensorFlow training loop)
+
+        x = tf.cast(inputs, tf.float64)
+        axes = self._reduction_axes
+        sums = tf.stack([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes)])
+        count = tf.cast(tf.size(x) // tf.shape(x)[self.axis], tf.float64)
+        context = tf.distribute.get_replica_context()
+        if context is not None:
+            sums, count = context.all_reduce("sum", sums), context.all_reduce("sum", count)
+        mean = sums[0] / count
+        variance = tf.maximum(sums[1] / count - tf.square(mean), 0.0)
+        return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class GlobalBatchDropout(keras.layers.Layer):
+    """Dropout whose mask is drawn for the whole global batch, the same on every replica of a
+    tf.distribute strategy, each replica taking the rows it holds (replica r: rows r * n to (r + 1) * n,
+    as idc.training.distributed splits a batch). One worker and N workers so drop the same units of
+    the same examples, and train the same model; Keras's Dropout draws each replica's mask on its own.
+    Each mask comes from (seed, masks drawn so far), and that count is a weight: a copy of the layer and
+    a job resumed from its backup draw the masks the uninterrupted run would."""
+
+    def __init__(self, rate: float, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.seed = float(rate), int(seed)
+
+    def build(self, input_shape):
+        self.draws = self.add_weight(name="draws", shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                     aggregation="only_first_replica")
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0:
+            return x
+        import tensorflow as tf  # the replica's place in the global batch (a TensorFlow training loop)
+
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        rows = tf.shape(x)[0]
+        seed = tf.cast(tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.draws)]) % (2 ** 31 - 1),
+                       tf.int32)
+        keep = tf.random.stateless_uniform(tf.concat([[rows * replicas], tf.shape(x)[1:]], 0), seed) >= self.rate
+        self.draws.assign_add(1)
+        mine = keep[replica * rows:(replica + 1) * rows]
+        return tf.where(mine, x / (1.0 - self.rate), tf.zeros_like(x))
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 # Reinhard et al. (2001), "Color transfer between images": RGB -> LMS cone space -> log10 -> lαβ, where

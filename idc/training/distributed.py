@@ -19,7 +19,9 @@ machine, up to the order of float sums.
 Resume: keras.callbacks.BackupAndRestore, driven by the loop. After each epoch the chief backs up the
 weights, the optimizer's state, the epoch and early stopping's state under the model directory
 (ModelDir.backup); at the start every worker restores that backup, so a killed job, rerun, goes on
-from its last finished epoch. A finished phase deletes its backup.
+from its last finished epoch, with its history so far. A finished phase leaves only its final weights
+and history, so that a job killed in a later phase does not train it again (train.train removes them at
+its end).
 
 Only the chief writes (checkpoints, logs, history, backups); every worker takes the same steps.
 """
@@ -33,7 +35,6 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,8 +138,10 @@ class Examples:
 def fit(model, train: Examples, validation: Examples | None, *, optimizer: Callable[[], object], epochs: int,
         batch_size: int, class_weight: dict[int, float] | None, seed: int, patience: int, model_dir: ModelDir,
         phase: str, run_id: str, full_batches: bool = False) -> tuple[dict[str, list[float]], int]:
-    """Train `model` in place under this process's strategy; returns (history of the epochs run here,
-    the epoch it started from: 0, or the epoch a backup of the same `run_id` resumed it at).
+    """Train `model` in place under this process's strategy; returns (the history of every epoch, those
+    before a resume too, the epoch it started from: 0, or the epoch a backup of the same `run_id` resumed
+    it at). A phase that already ended in an earlier run of the same `run_id` (a job killed in a later
+    phase) is not trained again: its final weights are loaded (train.train removes them at its end).
 
     `optimizer()` makes the optimizer (inside the strategy's scope); `batch_size` is the global batch;
     `phase` names the logs, history, checkpoint and backup. `full_batches`: each epoch leaves out the rows
@@ -155,6 +158,10 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
                                           verbose=int(me.chief)) if validation is not None else None
     backup = TrainingBackup(model_dir.backup(phase), run_id, me.chief, early)
+    if backup.finished is not None:  # this phase ended in an earlier, killed run of the same job
+        model.load_weights(backup.dir / FINISHED_WEIGHTS)
+        log.info("%s: finished in an earlier run (%s): its weights are reused", phase, backup.dir)
+        return backup.finished, len(next(iter(backup.finished.values()), []))
     writers = _chief_callbacks(model_dir, phase, validation is not None, backup.saved_epoch) if me.chief else []
     # Order matters: early stopping updates its state before the backup saves it, and the history row of an
     # epoch is written before its backup (a job killed in between redoes that epoch and rewrites its row).
@@ -170,7 +177,6 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
     train_step, eval_step = _steps(trained, opt, chosen)
     weights = np.ones(2, np.float32) if class_weight is None else \
         np.array([class_weight[0], class_weight[1]], np.float32)
-    history = defaultdict(list)
     for epoch in range(first, epochs):
         started = time.time()
         callbacks.on_epoch_begin(epoch)
@@ -188,18 +194,16 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
         if validation is not None:
             logs.update(_evaluate(chosen, eval_step, trained, validation, batch_size, per_replica, epoch))
         logs = {k: float(v) for k, v in logs.items()}
-        callbacks.on_epoch_end(epoch, logs)
-        for name, value in logs.items():
-            history[name].append(value)
+        callbacks.on_epoch_end(epoch, logs)  # the backup adds the epoch to its history
         if me.chief:
             print(f"Epoch {epoch + 1}/{epochs} - {time.time() - started:.1f}s - "
                   + " - ".join(f"{k}: {v:.4f}" for k, v in sorted(logs.items())), flush=True)
         if trained.stop_training:
             break
-    callbacks.on_train_end()
+    callbacks.on_train_end()  # early stopping restores the best weights, then the backup marks the phase finished
     if trained is not model:
         _copy_weights(trained, model)
-    return dict(history), first
+    return backup.history, first
 
 
 def _agreed(chosen, first_epoch: int) -> int:
@@ -353,6 +357,10 @@ def _chief_callbacks(model_dir: ModelDir, phase: str, monitor_val: bool, resumed
     ]
 
 
+FINISHED_WEIGHTS = "finished.weights.h5"
+FINISHED_HISTORY = "finished_history.json"
+
+
 class TrainingBackup(keras.callbacks.BackupAndRestore):
     """keras.callbacks.BackupAndRestore for a cluster and a custom loop.
 
@@ -364,13 +372,31 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
         super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=chief)
         self.dir, self.run_id, self.chief, self.early_stopping = Path(backup_dir), run_id, chief, early_stopping
         self.initial_epoch = 0
+        self.history: dict[str, list[float]] = {}  # every epoch's logs, those of a resumed run's too
         run_file, metadata = self.dir / "run.json", self.dir / "training_metadata.json"
         same_run = run_file.exists() and json.loads(run_file.read_text()).get("run") == run_id
         self.saved_epoch = json.loads(metadata.read_text())["epoch"] if same_run and metadata.exists() else 0
+        # A phase that ended leaves its final weights and history (the job may be killed in a later phase):
+        # None, or the history of the finished phase.
+        finished = self.dir / FINISHED_HISTORY
+        self.finished = json.loads(finished.read_text()) if same_run and finished.exists() else None
         if not same_run and self.dir.exists() and chief:
             log.warning("%s holds the backup of another training run (other settings or data): not resumed, removed",
                         self.dir)
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        super().on_epoch_end(epoch, logs)  # the backup, with the history so far
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)  # removes the backup (the chief)
+        if self.chief:  # ...and leaves the phase's end, for a rerun after a kill in a later phase
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.model.save_weights(self.dir / FINISHED_WEIGHTS)
+            write_text_atomically(self.dir / FINISHED_HISTORY, json.dumps(self.history))
+            write_text_atomically(self.dir / "run.json", json.dumps({"run": self.run_id}))
 
     def on_train_begin(self, logs=None):
         if not self.saved_epoch:
@@ -385,6 +411,8 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
                 stopper.wait, stopper.best_epoch = int(state["wait"]), int(state["best_epoch"])
                 stopper.best = float(state["best"])
                 stopper.best_weights = [state[f"w{i}"] for i in range(len(state.files) - 3)]
+        history_file = self._history_file(self.initial_epoch)
+        self.history = json.loads(history_file.read_text()) if history_file.exists() else {}
         log.info("resuming from the backup in %s at epoch %d", self.dir, self.initial_epoch + 1)
 
     def _save_model(self):
@@ -399,10 +427,15 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
             with replaced_atomically(self._early_stopping_file(self._current_epoch)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, wait=stopper.wait, best=stopper.best, best_epoch=stopper.best_epoch,
                          **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
+        write_text_atomically(self._history_file(self._current_epoch), json.dumps(self.history))
         super()._save_model()  # the weights, then training_metadata.json with the epoch: written last
-        for old in self.dir.glob("early_stopping.*.npz"):
-            if int(old.name.split(".")[1]) < self._current_epoch - 1:
-                old.unlink(missing_ok=True)
+        for pattern in ("early_stopping.*.npz", "history.*.json"):
+            for old in self.dir.glob(pattern):
+                if int(old.name.split(".")[1]) < self._current_epoch - 1:
+                    old.unlink(missing_ok=True)
 
     def _early_stopping_file(self, epoch: int) -> Path:
         return self.dir / f"early_stopping.{epoch}.npz"
+
+    def _history_file(self, epoch: int) -> Path:
+        return self.dir / f"history.{epoch}.json"

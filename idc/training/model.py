@@ -22,7 +22,7 @@ quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-
 import keras  # noqa: E402
 
 from idc.core.errors import WeightsError
-from idc.keras_model import DihedralView, MeanStdPooling, ReinhardNormalization
+from idc.keras_model import DihedralView, GlobalBatchDropout, GlobalBatchNormalization, MeanStdPooling, ReinhardNormalization
 from idc.core.preprocessing import load_batch
 
 log = logging.getLogger(__name__)
@@ -146,14 +146,15 @@ def build_head(feature_dim: int, train_features=None, l2: float = 0.0):
     return keras.Model(inputs, outputs, name="head")
 
 
-def build_patch_cnn(image_size: int, l2: float = 1e-4):
+def build_patch_cnn(image_size: int, l2: float = 1e-4, seed: int = 0):
     """A small CNN trained from scratch on the patch at its native scale: image in [-1, 1] ->
     [P(no IDC), P(IDC)].
 
     The input is the model's (image_size px, the 50 px patch enlarged for Inception); averaging it back
     over blocks of image_size // 50 pixels gives the patch's own scale, where three conv blocks see the
     whole patch. Its errors differ from those of the frozen ImageNet features, so the two together are
-    better than either (README, "What each element adds")."""
+    better than either (docs/results.md, "What each element adds"). Its BatchNorm and dropout take the
+    global batch, so any number of workers trains the model one machine trains."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     factor = max(1, image_size // PATCH_SIZE)
@@ -162,11 +163,11 @@ def build_patch_cnn(image_size: int, l2: float = 1e-4):
     for block, filters in enumerate((32, 64, 128), start=1):
         for conv in (1, 2):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = GlobalBatchNormalization(name=f"block{block}_bn{conv}")(x)
             x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(0.3, name="dropout")(x)
+    x = GlobalBatchDropout(0.3, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=keras.regularizers.L2(l2),
                                  name="patch_softmax")(x)
     return keras.Model(inputs, outputs, name="patch_cnn")

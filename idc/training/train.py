@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from collections import Counter
 
@@ -42,6 +43,9 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     if counts.min() == 0:
         raise DatasetError(f"the training split needs patches of both classes, has {counts.tolist()}")
     return {label: len(labels) / (2.0 * count) for label, count in enumerate(counts)}
+
+
+PHASES = ("head", "fine_tune", "patch_cnn")
 
 
 def _run_id(config: Config, phase: str, *shape) -> str:
@@ -148,7 +152,7 @@ def train_patch_cnn(config: Config, train: list[data.Patch], validation: list[da
     Returns (patch_cnn, history)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
-    cnn = build_patch_cnn(settings.image_size)
+    cnn = build_patch_cnn(settings.image_size, seed=settings.random_seed)
     train_data, val_data = image_examples(settings, train, validation, settings.stain_jitter)
     steps = settings.patch_cnn_epochs * max(1, len(train) // settings.batch_size)
     schedule = lambda: keras.optimizers.schedules.CosineDecay(settings.patch_cnn_learning_rate, steps, alpha=0.02)  # noqa: E731
@@ -272,8 +276,8 @@ def train(config: Config, trunk=None) -> dict:
                  for split, ps in splits.items()},
         "decision_rule": {**rule, "validation": validation_report} if me.chief else None,
         "resumed_from_epoch": first_epoch,  # 0, or the epoch a killed job's backup resumed the head at
-        "epochs_run": first_epoch + len(history["loss"]),
-        "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},  # the epochs run here
+        "epochs_run": len(history["loss"]),
+        "head_history": {k: [round(float(v), 5) for v in vs] for k, vs in history.items()},  # every epoch
         "fine_tune_history": fine_tune_history and {k: [round(float(v), 5) for v in vs]
                                                     for k, vs in fine_tune_history.items()},
         "patch_cnn_history": patch_cnn_history and {k: [round(float(v), 5) for v in vs]
@@ -283,6 +287,8 @@ def train(config: Config, trunk=None) -> dict:
     if not me.chief:
         return record
     model.training_record.write_text(json.dumps(record, indent=2))
+    for phase in PHASES:  # what each finished phase left for a rerun of a job killed in a later one
+        shutil.rmtree(model.backup(phase), ignore_errors=True)
     return record
 
 
