@@ -147,23 +147,29 @@ def test_two_workers_train_the_model_one_worker_trains(raw, tmp_path):
     assert sum(computed) == sum(per_view.values()) and min(computed) > 0
 
 
-def test_a_killed_job_resumes_from_its_last_epoch(raw, tmp_path):
-    settings = dict(epochs=40, early_stopping_patience=40)
-    chief, other = two_worker_project(tmp_path / "cluster", raw, **settings)
-    metadata = chief.model.backup("head") / "training_metadata.json"
-    workers = start_workers([chief, other])
+def kill_after_backup(workers, metadata, epochs: int) -> None:
+    """SIGKILL the job (as a scheduler kills it: no clean-up of any kind) once its backup (`metadata`,
+    a phase's training_metadata.json) holds `epochs` epochs."""
     deadline = time.monotonic() + RUN_SECONDS
     backed_up = 0
-    while backed_up < 3 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
+    while backed_up < epochs and time.monotonic() < deadline and all(w.poll() is None for w in workers):
         try:
             backed_up = json.loads(metadata.read_text())["epoch"]
         except (OSError, ValueError, KeyError):  # not there yet
             pass
         time.sleep(0.02)
-    for worker in workers:  # the job is killed, as a scheduler kills it: no clean-up of any kind
+    for worker in workers:
         worker.send_signal(signal.SIGKILL)
     errors = [worker.communicate()[1] for worker in workers]
-    assert backed_up >= 3, "the job ended before its third epoch was backed up:\n" + "\n".join(e[-3000:] for e in errors)
+    assert backed_up >= epochs, (f"the job ended before {metadata.parent.name} backed up {epochs} epochs:\n"
+                                 + "\n".join(e[-3000:] for e in errors))
+
+
+def test_a_killed_job_resumes_from_its_last_epoch(raw, tmp_path):
+    settings = dict(epochs=40, early_stopping_patience=40)
+    chief, other = two_worker_project(tmp_path / "cluster", raw, **settings)
+    metadata = chief.model.backup("head") / "training_metadata.json"
+    kill_after_backup(start_workers([chief, other]), metadata, 3)
 
     resumed = finish(start_workers([chief, other]))[0]
     start = resumed["resumed_from_epoch"]
@@ -186,19 +192,7 @@ def test_a_job_killed_in_the_patch_cnn_phase_resumes_there_without_training_the_
     settings = dict(epochs=12, early_stopping_patience=12, patch_cnn_epochs=6)
     chief, other = two_worker_project(tmp_path / "cluster", raw, **settings)
     metadata = chief.model.backup("patch_cnn") / "training_metadata.json"
-    workers = start_workers([chief, other])
-    deadline = time.monotonic() + RUN_SECONDS
-    backed_up = 0
-    while backed_up < 2 and time.monotonic() < deadline and all(w.poll() is None for w in workers):
-        try:
-            backed_up = json.loads(metadata.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    for worker in workers:
-        worker.send_signal(signal.SIGKILL)
-    errors = [worker.communicate()[1] for worker in workers]
-    assert backed_up >= 2, "the job ended before its patch CNN backed up 2 epochs:\n" + "\n".join(e[-3000:] for e in errors)
+    kill_after_backup(start_workers([chief, other]), metadata, 2)
 
     resumed = finish(start_workers([chief, other]))[0]
     assert resumed["resumed_from_epoch"] == 12  # the head's final weights, from the killed run: not trained again
