@@ -53,11 +53,13 @@ def quantize_int8(ov_model, calibration: np.ndarray):
     nncf = cli.quiet_import("nncf")
     samples = [calibration[i:i + 1] for i in range(len(calibration))]
     # Only the convolutions of the trunk are quantized: the pooled statistics (a variance is a
-    # difference of nearly equal numbers) and the small head stay in floating point.
+    # difference of nearly equal numbers) and the small head stay in floating point. The full bias
+    # correction, not NNCF's fast one: on the validation patches of the default model it kept balanced
+    # accuracy within 0.0010 of TensorFlow's, where the fast one lost 0.0120 (docs/edge.md).
     keep_float = nncf.IgnoredScope(types=["ReduceMean", "Subtract", "Multiply", "Sqrt", "MatMul", "Softmax"],
                                    validate=False)
     return nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples),
-                         preset=nncf.QuantizationPreset.MIXED, ignored_scope=keep_float)
+                         preset=nncf.QuantizationPreset.MIXED, ignored_scope=keep_float, fast_bias_correction=False)
 
 
 def compile_ir(config: Config, precisions: list[str]) -> dict[str, str]:
