@@ -264,7 +264,9 @@ class Alarm:
                 log.warning("Alarm: a result from %s made %s is older than the one already shown (%s): ignored",
                             origin, data["Time"], newest.isoformat())
                 return self.state
-            if made is not None:
+            if made is not None and age > -self.config.mqtt.stale_after_seconds:
+                # Not a Time far ahead of this clock (a server's clock set wrong once): remembered, it
+                # would hide every later result until then.
                 self._newest_shown[origin] = made
                 self._write_state_file()
             self._last_result = result

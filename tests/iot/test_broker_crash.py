@@ -118,3 +118,16 @@ def test_an_unreadable_state_file_is_logged_and_the_alarm_starts_without_it(make
         assert alarm.handle_message(SENSORS, json.dumps(older).encode()) == IDC
     finally:
         alarm.close()
+
+
+def test_a_result_stamped_far_in_the_future_does_not_hide_later_ones(make_config, mock_pins):
+    """A server whose clock was once set years ahead must not silence the alarm until then."""
+    config = make_config()
+    alarm = Alarm(config)
+    try:
+        future = {"Sensor": "CCTV", "Results": 0, "Time": "2099-01-01T00:00:00.000+00:00"}
+        assert alarm.handle_message(SENSORS, json.dumps(future).encode()) == NO_IDC  # shown, not remembered
+        now = {"Sensor": "CCTV", "Results": 1, "Time": "2026-12-02T10:00:01.000+00:00"}
+        assert alarm.handle_message(SENSORS, json.dumps(now).encode()) == IDC
+    finally:
+        alarm.close()
