@@ -189,9 +189,9 @@ class Alarm:
         if self.state_file is None or not self.state_file.exists():
             return {}
         try:
-            raw = json.loads(self.state_file.read_text())
-            return {str(origin): result_time({"Time": stamp}) for origin, stamp in raw["newest_shown"].items()
-                    if result_time({"Time": stamp}) is not None}
+            shown = {str(origin): result_time({"Time": stamp})
+                     for origin, stamp in json.loads(self.state_file.read_text())["newest_shown"].items()}
+            return {origin: made for origin, made in shown.items() if made is not None}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("Alarm: %s is unreadable (%s): starting without the results shown before",
                         self.state_file, type(err).__name__)

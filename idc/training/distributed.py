@@ -148,13 +148,6 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
     of its last, partial batch (a different few each epoch), which would be padded with zeros: BatchNorm
     layers would take those into their batch statistics."""
     chosen, me = strategy(), worker()
-    trained = _replica_of(model, chosen)
-    with chosen.scope():
-        opt = optimizer()
-        opt.build(trained.trainable_variables)
-    trained.optimizer = opt  # BackupAndRestore saves and restores its state with the weights
-    trained.stop_training = False  # EarlyStopping sets it
-
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
                                           verbose=int(me.chief)) if validation is not None else None
     backup = TrainingBackup(model_dir.backup(phase), run_id, me.chief, early)
@@ -162,6 +155,13 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
         model.load_weights(backup.dir / FINISHED_WEIGHTS)
         log.info("%s: finished in an earlier run (%s): its weights are reused", phase, backup.dir)
         return backup.finished, len(next(iter(backup.finished.values()), []))
+
+    trained = _replica_of(model, chosen)
+    with chosen.scope():
+        opt = optimizer()
+        opt.build(trained.trainable_variables)
+    trained.optimizer = opt  # BackupAndRestore saves and restores its state with the weights
+    trained.stop_training = False  # EarlyStopping sets it
     writers = _chief_callbacks(model_dir, phase, validation is not None, backup.saved_epoch) if me.chief else []
     # Order matters: early stopping updates its state before the backup saves it, and the history row of an
     # epoch is written before its backup (a job killed in between redoes that epoch and rewrites its row).

@@ -26,7 +26,8 @@ RUN_SECONDS = 240  # a whole two-worker training (start-up, bottlenecks, head, f
 # The cluster adds each global batch's gradient in two halves: float sums in another order, nothing more
 # (measured: the head's weights within 1e-7 of a single process's). In the patch CNN, Adam turns those
 # roundings into weight differences of up to ~1e-5 (measured); P(IDC) stays within 1e-5 (the goal: 1e-4;
-# Keras's own BatchNorm and Dropout, per replica, gave 5e-4 here and 0.04 on real patients).
+# Keras's own BatchNorm and Dropout, per replica, gave 7.4e-3 here and 0.04 on real patients; Keras's
+# synchronized BatchNorm, float32 sums, 5e-4).
 TOLERANCE = 1e-5
 P_TOLERANCE = WEIGHT_TOLERANCE = 1e-4
 # What a cluster shares (a shared file system): the sorted data, the bottleneck cache, the backups.

@@ -46,7 +46,7 @@ def number(value: float) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
-def decision_rule(classifier) -> dict | None:
+def stated_rule(classifier) -> dict | None:
     """The served model's decision rule as the pages state it; None when no model is loaded."""
     threshold, band = getattr(classifier, "threshold", None), getattr(classifier, "review_band", None)
     if threshold is None or band is None:
@@ -68,7 +68,7 @@ def _page(template: str):
     if state.auth_required and not session_ok():
         return login_page("This review station needs the server's API key.", 401)
     return render_template(template, identity=state.identity, auth=state.auth_required,
-                           rule=decision_rule(state.classifier),
+                           rule=stated_rule(state.classifier),
                            max_upload_bytes=state.config.Server.max_upload_bytes,
                            batch_max_files=state.config.Server.batch_max_files)
 
