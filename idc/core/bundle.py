@@ -129,6 +129,11 @@ class ModelDir:
         return self.root / "bottlenecks"
 
     @property
+    def slides(self) -> Path:
+        """Whole slides' outputs, one folder each (idc.slides.outputs), unless Slides.output_dir is set."""
+        return self.root / "slides"
+
+    @property
     def review_db(self) -> Path:
         """The review station's queue (SQLite), unless Server.review_db puts it elsewhere."""
         return self.root / "review.sqlite3"
@@ -182,6 +187,9 @@ class Bundle:
     stain_normalization: dict | None = None
     precision: str | None = None  # set in an IR's copy: FP32, FP16 or INT8; None for the Keras model
     compiled_with: str | None = None  # the OpenVINO version that compiled an IR
+    # The scale of the training patches: whole slides are tiled at it (idc.slides). Older bundles: the dataset's.
+    microns_per_pixel: float = 4.0
+    patch_pixels: int = 50
 
     @classmethod
     def new(cls, **fields) -> Bundle:

@@ -71,8 +71,12 @@ class ClassifierSettings:
     review_band_override: float | None = None
     decision_rule_from_validation: bool = True
     review_share: float = 0.1
+    # The scale of the training patches (the IDC dataset: about 4 um per pixel, 200 um a 50 px patch),
+    # recorded in the model bundle: whole slides are read at it (idc.slides).
+    microns_per_pixel: float = 4.0
 
     def check(self) -> None:
+        _require(self.microns_per_pixel > 0, "microns_per_pixel", "must be positive (um per pixel of the patches)")
         _require(0.0 < self.InceptionThreshold < 1.0, "InceptionThreshold", "must be between 0 and 1")
         _require(0.0 <= self.review_band < 0.5, "review_band", "must be in [0, 0.5)")
         _require(self.threshold_override is None or 0.0 < self.threshold_override < 1.0, "threshold_override",
@@ -101,9 +105,10 @@ class ClassifierSettings:
         _require(len(self.feature_layers) > 0, "feature_layers", "must name at least one layer")
         _require(self.pooling in ("mean", "mean+std"), "pooling", 'must be "mean" or "mean+std"')
         views = ("identity", "hflip", "vflip", "rot90")
-        stain = [v for v in self.train_views if re.fullmatch(r"stain[1-9][0-9]*", v)]
-        _require(len(self.train_views) > 0 and set(self.train_views) <= set(views) | set(stain), "train_views",
-                 f"must be a non-empty list of {list(views)} and stain views stain1, stain2, ...")
+        drawn = [v for v in self.train_views if re.fullmatch(r"(stain|jpeg)[1-9][0-9]*", v)]
+        _require(len(self.train_views) > 0 and set(self.train_views) <= set(views) | set(drawn), "train_views",
+                 f"must be a non-empty list of {list(views)}, stain views stain1, stain2, ... and JPEG views "
+                 "jpeg1, jpeg2, ...")
         _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
                  and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
                  'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
@@ -114,7 +119,7 @@ class ClassifierSettings:
     @property
     def tta_views(self) -> tuple[str, ...]:
         """The views test-time augmentation averages over: the flips/rotations trained on."""
-        return tuple(v for v in self.train_views if not v.startswith("stain"))
+        return tuple(v for v in self.train_views if not v.startswith(("stain", "jpeg")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,12 +227,34 @@ class AlarmSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SlidesSettings:
+    watch_dir: str | None = None  # the scanner's share: the server processes each slide that appears here
+    output_dir: str | None = None  # null: slides/ in the model directory
+    default_mpp: float | None = None  # level-0 um per pixel of slides whose file does not say
+    min_tissue: float = 0.1  # share of a tile that must be tissue for it to be classified
+    batch_size: int = 64  # tiles per inference call
+    poll_seconds: float = 10.0  # how often the server looks in watch_dir
+    max_upload_bytes: int = 4_000_000_000
+    review_flagged: bool = True  # the server queues each slide's needs-review tiles for the review station
+
+    def check(self) -> None:
+        _require(self.watch_dir is None or self.watch_dir.strip() != "", "watch_dir", "must be a folder or null")
+        _require(self.output_dir is None or self.output_dir.strip() != "", "output_dir", "must be a folder or null")
+        _require(self.default_mpp is None or self.default_mpp > 0, "default_mpp", "must be null or positive")
+        _require(0.0 < self.min_tissue <= 1.0, "min_tissue", "must be a share in (0, 1]")
+        _require(self.batch_size > 0, "batch_size", "must be positive")
+        _require(self.poll_seconds > 0, "poll_seconds", "must be positive")
+        _require(self.max_upload_bytes > 0, "max_upload_bytes", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     ClassifierSettings: ClassifierSettings
     OpenVINO: OpenVINOSettings
     Server: ServerSettings
     IoTJumpWay: MQTTSettings
     Alarm: AlarmSettings
+    Slides: SlidesSettings
     path: Path = dataclasses.field(compare=False, default=DEFAULT_CONFIG)
 
     @property
@@ -247,6 +274,11 @@ class Config:
     def model(self) -> ModelDir:
         """The model directory's layout (idc.core.bundle)."""
         return ModelDir(self.model_dir, self.ClassifierSettings.model_name)
+
+    @property
+    def slides_dir(self) -> Path:
+        """Where the slides' outputs go: Slides.output_dir, or slides/ in the model directory."""
+        return self.resolve(self.Slides.output_dir) if self.Slides.output_dir else self.model.slides
 
     @property
     def classifier(self) -> ClassifierSettings:

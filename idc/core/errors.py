@@ -35,6 +35,10 @@ class ImageTooLargeError(ImageError):
     """An image larger than the configured limit (or a decompression bomb)."""
 
 
+class SlideError(IDCError):
+    """A whole-slide image cannot be used: not a slide OpenSlide reads, truncated, no scale, no tissue."""
+
+
 class DeviceError(IDCError):
     """The requested OpenVINO device is not present on this machine."""
 

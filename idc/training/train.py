@@ -30,6 +30,7 @@ import numpy as np
 from idc.training import augment, bottleneck, calibration, data, distributed
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
+from idc.core.context import GRID
 from idc.core.errors import DatasetError
 from idc.training.model import (build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights,
                                 fit_stain_normalizer, with_normalizer)
@@ -77,14 +78,15 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
 
 
 def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool,
-                 stain_jitter: dict[str, float] | None = None):
+                 stain_jitter: dict[str, float] | None = None, jpeg: bool = False):
     """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
-    `augmented`, each patch in a random flip and 90-degree rotation, and re-stained with `stain_jitter`,
-    drawn from (seed, epoch, patch): the same batches on one machine or on many, and after a resume."""
+    `augmented`, each patch in a random flip and 90-degree rotation, re-stained with `stain_jitter` and
+    (with `jpeg`) half of them JPEG-compressed, drawn from (seed, epoch, patch): the same batches on one
+    machine or on many, and after a resume."""
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
-            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter)
+            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter, jpeg)
                       for image, i in zip(images, rows)]
         return preprocess(images, image_size)
     return read
@@ -93,12 +95,14 @@ def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmente
 def image_examples(settings, train: list[data.Patch], validation: list[data.Patch],
                    stain: dict[str, float] | None):
     """(training, validation) examples for the phases that train on decoded patches: the training ones
-    augmented (a flip or rotation; re-stained with `stain`), the validation ones as they are (None if none)."""
+    augmented (a flip or rotation; re-stained with `stain`; JPEG-compressed when the training views hold a
+    JPEG view), the validation ones as they are (None if none)."""
     def labels(patches):
         return np.array([p.label for p in patches], dtype=np.int64)
 
     seed, size = settings.random_seed, settings.image_size
-    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain)),
+    jpeg = any(augment.is_jpeg_view(v) for v in settings.train_views)
+    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain, jpeg)),
             distributed.Examples(labels(validation), image_reader(validation, size, seed, False)) if validation else None)
 
 
@@ -259,6 +263,7 @@ def train(config: Config, trunk=None) -> dict:
             stain_normalization=None if normalizer is None else {
                 "method": settings.stain_normalization, "target_mean": normalizer.target_mean,
                 "target_std": normalizer.target_std},
+            microns_per_pixel=settings.microns_per_pixel, patch_pixels=GRID,
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
         bundle.save(model.root)
     record = {
