@@ -124,3 +124,49 @@ def live_server():
         thread.join(timeout=10)
         server.task_dispatcher.shutdown(timeout=10)
         assert not thread.is_alive(), "the waitress test server did not stop"
+
+
+# --- Real data: a small model trained on real patches and the real Inception V3 trunk (../shared) ---
+
+def real_subset(folder, patients_per_split=(14, 3, 4), per_class=20):
+    """A few hundred real patches in the Kaggle layout (symlinks), from patients of the reference
+    train/extra and val lists, so the test covers several patients per split."""
+    import csv
+    import os
+
+    from tests.paths import SHARED_DATA, SHARED_PATIENTS, require_shared
+
+    require_shared(SHARED_DATA)
+    require_shared(SHARED_PATIENTS)
+    rows = list(csv.DictReader(SHARED_PATIENTS.open()))
+    # patients with both classes, so every split holds IDC and non-IDC patches
+    both = [r["patient_id"] for r in rows if int(r["negatives"]) >= per_class and int(r["positives"]) >= per_class]
+    chosen = both[:sum(patients_per_split)]
+    for patient in chosen:
+        for label in ("0", "1"):
+            target = folder / patient / label
+            target.mkdir(parents=True)
+            for source in sorted((SHARED_DATA / patient / label).glob("*.png"))[:per_class]:
+                os.symlink(source, target / source.name)
+    return folder, chosen
+
+
+@pytest.fixture(scope="session")
+def real_project(tmp_path_factory):
+    """(config, sort report, training record) of a model trained at 75 px on 21 real patients' patches
+    (20 a class each) with the real trunk; skipped where ../shared is absent."""
+    from idc.core.config import load_config
+    from idc.training import data
+    from idc.training.train import train
+    from tests.paths import SHARED_WEIGHTS, require_shared
+    from tests.synthetic import write_config
+
+    require_shared(SHARED_WEIGHTS)
+    tmp = tmp_path_factory.mktemp("real")
+    raw, _ = real_subset(tmp / "raw")
+    config = load_config(write_config(
+        tmp, dataset_dir=str(raw), weights=str(SHARED_WEIGHTS), image_size=75, batch_size=32,
+        head_batch_size=64, learning_rate=0.001, epochs=60, early_stopping_patience=10))
+    report = data.sort_dataset(raw, config.model, validation_fraction=0.15, test_fraction=0.2, seed=3)
+    record = train(config)
+    return config, report, record

@@ -10,7 +10,7 @@ import sys
 from tests.paths import ROOT
 
 PACKAGE = ROOT / "idc"
-TRAINING_ONLY = ["tensorflow", "keras", "tf_keras", "tensorflow_hub", "sklearn", "matplotlib", "nncf", "tqdm"]
+TRAINING_ONLY = ["tensorflow", "keras", "tf_keras", "tensorflow_hub", "sklearn", "matplotlib", "nncf"]
 
 
 def module_name(path) -> str:
@@ -70,8 +70,10 @@ def test_only_the_app_module_creates_the_flask_app():
 
 
 def test_light_modules_import_no_tensorflow():
-    """idc.core (every machine) and the cluster launcher (every node, before TensorFlow) stay light."""
-    light = sorted(name for name in import_graph() if name.startswith("idc.core")) + ["idc.training.cluster"]
+    """idc.core (every machine), idc.slides (the edge box) and the cluster launcher (every node, before
+    TensorFlow) stay light."""
+    light = sorted(name for name in import_graph() if name.startswith(("idc.core", "idc.slides"))) + \
+        ["idc.training.cluster"]
     code = ("import importlib, sys\n"
             f"for name in {light!r}: importlib.import_module(name)\n"
             f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_ONLY!r})\n"

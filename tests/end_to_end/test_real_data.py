@@ -1,53 +1,16 @@
 """Slow tests on real IDC patches and real Inception V3 weights from ../shared (skipped with the
 reason where they are absent). CI runs them too."""
 
-import csv
-import os
-
 import pytest
 
 from idc.core.bundle import SPLITS
-from idc.training import data
-from idc.core.config import load_config
 from idc.core.errors import WeightsError
 from idc.training.evaluation import evaluate
 from idc.training.model import build_trunk
 from idc.training.train import train
-from tests.paths import SHARED_DATA, SHARED_PATIENTS, SHARED_WEIGHTS, require_shared
-from tests.synthetic import write_config
+from tests.paths import SHARED_WEIGHTS, require_shared
 
 pytestmark = pytest.mark.slow
-
-
-def real_subset(folder, patients_per_split=(14, 3, 4), per_class=20):
-    """A few hundred real patches in the Kaggle layout (symlinks), from patients of the reference
-    train/extra and val lists, so the test covers several patients per split."""
-    require_shared(SHARED_DATA)
-    require_shared(SHARED_PATIENTS)
-    rows = list(csv.DictReader(SHARED_PATIENTS.open()))
-    # patients with both classes, so every split holds IDC and non-IDC patches
-    both = [r["patient_id"] for r in rows if int(r["negatives"]) >= per_class and int(r["positives"]) >= per_class]
-    chosen = both[:sum(patients_per_split)]
-    for patient in chosen:
-        for label in ("0", "1"):
-            target = folder / patient / label
-            target.mkdir(parents=True)
-            for source in sorted((SHARED_DATA / patient / label).glob("*.png"))[:per_class]:
-                os.symlink(source, target / source.name)
-    return folder, chosen
-
-
-@pytest.fixture(scope="module")
-def real_project(tmp_path_factory):
-    require_shared(SHARED_WEIGHTS)
-    tmp = tmp_path_factory.mktemp("real")
-    raw, patients = real_subset(tmp / "raw")
-    config = load_config(write_config(
-        tmp, dataset_dir=str(raw), weights=str(SHARED_WEIGHTS), image_size=75, batch_size=32,
-        head_batch_size=64, learning_rate=0.001, epochs=60, early_stopping_patience=10))
-    report = data.sort_dataset(raw, config.model, validation_fraction=0.15, test_fraction=0.2, seed=3)
-    record = train(config)
-    return config, report, record
 
 
 def test_real_patches_sorted_by_patient(real_project):

@@ -214,3 +214,33 @@ def test_training_with_stain_normalisation_puts_it_in_the_model_and_every_ir(tmp
     assert evaluate(config, split="test", echo=lambda *_: None)["patches"] == len(config.model.read_manifest("test"))
     compile_ir(config, ["FP32"])
     assert check_parity(config, ["FP32"], echo=lambda *_: None)["FP32"]["max_abs_diff"] < 1e-4
+
+
+def test_a_jpeg_view_is_a_reproducible_jpeg_round_trip(patches):
+    digests = [f"{i:040x}" for i in range(len(patches))]
+    first = augment.view_batch(patches, digests, "jpeg1", 75, seed=42)
+    assert np.array_equal(first, augment.view_batch(patches, digests, "jpeg1", 75, seed=42))
+    assert not np.array_equal(first, augment.view_batch(patches, digests, "jpeg2", 75, seed=42))
+    assert first.shape == (len(patches), 75, 75, 3)
+    # a real JPEG round trip: not the patch itself, but close to one of its flips or rotations
+    rng = augment.view_rng(digests[0], "jpeg1", 42)
+    compressed = augment.jpeg_compressed(patches[0], rng)
+    assert compressed.shape == patches[0].shape and not np.array_equal(compressed, patches[0])
+    assert np.abs(compressed.astype(int) - patches[0]).mean() < 25
+    assert augment.describe_view("jpeg1", None, 42) != augment.describe_view("jpeg1", None, 7)  # keys the cache
+
+
+def test_jpeg_views_are_training_views_but_not_test_time_views(tmp_path):
+    config = load_config(write_config(tmp_path, train_views=["identity", "hflip", "jpeg1"]))
+    assert config.classifier.tta_views == ("identity", "hflip")
+    with pytest.raises(ConfigError, match="JPEG views jpeg1"):
+        load_config(write_config(tmp_path, train_views=["identity", "jpeg0"]))
+
+
+def test_image_phases_compress_half_the_patches_when_a_jpeg_view_is_trained(patches):
+    draws = [augment.augmented(patches[1], np.random.default_rng([1, 2, i]), None, jpeg=True) for i in range(40)]
+    dihedral = [np.rot90(f, k) for f in (patches[1], patches[1][:, ::-1]) for k in range(4)]
+    exact = sum(any(np.array_equal(d, v) for v in dihedral) for d in draws)
+    assert 10 <= exact <= 30  # about half kept lossless (the rest compressed)
+    plain = augment.augmented(patches[1], np.random.default_rng([1, 2, 0]), None)
+    assert any(np.array_equal(plain, v) for v in dihedral)  # no JPEG without the flag

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Whole-slide throughput and memory: tiles per second end to end (read + tissue + classify) on
+one slide, as a ratio of the engine's own batch throughput measured in the same run on tiles
+already in memory, the peak resident memory, and the projected time of a typical resection slide.
+With --labels (the slide's CSV of true labels, as in ../shared/data/slides), also how the slide's
+tiles agree with the engine on the dataset's patches of that patient (--patches), patch alone.
+
+  python benchmarks/slides.py                                  # ../shared/data/slides/mpp0.5/8867.svs
+  python benchmarks/slides.py --slide scan.svs --precision FP16
+  python benchmarks/slides.py --labels ../shared/data/slides/mpp0.5/8867.labels.csv \\
+      --patches ../shared/data/idc-patches/8867 --grid-origin 8,8
+
+The slides of ../shared are test patients: benchmark and check on them, never choose settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SLIDE = ROOT.parent / "shared" / "data" / "slides" / "mpp0.5" / "8867.svs"
+RESECTION_TILES = 100_000  # tissue tiles of 200 um (0.04 mm2 each): a typical resection slide, 4,000 mm2
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def agreement(result, labels_csv: Path, patches: Path, engine, threshold: float) -> dict:
+    """The slide's tiles at the labelled positions against the engine on the patient's patch files."""
+    from idc.core import metrics
+    from idc.core.preprocessing import decode_image
+
+    by_position = {(t.x, t.y): i for i, t in enumerate(result.tiles)}
+    rows = list(csv.DictReader(labels_csv.open()))
+    files = {p.name: p for p in patches.rglob("*.png")}
+    covered = [(r, by_position[int(r["x"]), int(r["y"])]) for r in rows if (int(r["x"]), int(r["y"])) in by_position]
+    images = [decode_image(files[r["file"]]) for r, _ in covered]
+    p_patch = np.concatenate([engine.probabilities(images[i:i + 64]) for i in range(0, len(images), 64)])
+    p_tile = result.p_alone[[i for _, i in covered]]
+    y = np.array([int(r["label"]) for r, _ in covered])
+    tile = metrics.classification_metrics(y, p_tile, threshold)
+    patch = metrics.classification_metrics(y, p_patch, threshold)
+    every = [decode_image(files[r["file"]]) for r in rows]
+    p_every = np.concatenate([engine.probabilities(every[i:i + 64]) for i in range(0, len(every), 64)])
+    return {"labelled": len(rows), "covered": len(covered),
+            "mean_abs_p_difference": float(np.abs(p_tile - p_patch).mean()),
+            "mean_p_difference": float((p_tile - p_patch).mean()),
+            "decisions_differ": int(((p_tile >= threshold) != (p_patch >= threshold)).sum()),
+            "balanced_accuracy_tiles": tile["balanced_accuracy"], "balanced_accuracy_patches_same": patch["balanced_accuracy"],
+            "balanced_accuracy_all_patches": metrics.classification_metrics(
+                np.array([int(r["label"]) for r in rows]), p_every, threshold)["balanced_accuracy"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "confs.json"))
+    p.add_argument("--slide", default=str(SHARED_SLIDE), help="the slide (default: %(default)s)")
+    p.add_argument("--precision", type=str.upper, choices=["FP32", "FP16", "INT8", "KERAS"],
+                   help="engine (default: OpenVINO.precision, auto: INT8 on a CPU)")
+    p.add_argument("--grid-origin", default="0,0", help="level-0 X,Y of the tile grid (default: %(default)s)")
+    p.add_argument("--mpp", type=float, help="level-0 um per pixel if the slide does not say")
+    p.add_argument("--labels", help="the slide's labels CSV (patient,file,x,y,width,height,label)")
+    p.add_argument("--patches", help="the folder of that patient's patches (with --labels)")
+    args = p.parse_args()
+    if not Path(args.slide).exists():
+        print(f"error: no slide at {args.slide}", file=sys.stderr)
+        return 2
+    from idc.core.config import load_config
+    from idc.edge.engine import load_classifier
+    from idc.slides.analysis import analyse_slide, tissue_tiles
+    from idc.slides.reader import SlideReader
+
+    config = load_config(args.config)
+    settings = config.Slides
+    precision = args.precision.replace("KERAS", "keras") if args.precision else None
+    engine = load_classifier(config, precision)
+    bundle = engine.bundle
+    origin = tuple(int(v) for v in args.grid_origin.split(","))
+    baseline_rss = peak_rss_mib()
+    print(f"engine: {engine.backend} on {engine.describe().get('device')}; batch {settings.batch_size}")
+
+    with SlideReader(args.slide, bundle.microns_per_pixel, bundle.patch_pixels, args.mpp, origin) as reader:
+        described = reader.describe()
+        print(f"slide: {described['file']} {described['width']} x {described['height']} px at {described['mpp']:g} "
+              f"um/px, {described['levels']} levels, read at level {described['read_level']} "
+              f"({described['read_level_mpp']:g} um/px)")
+        # The engine alone: the same number of tiles, already read and in memory, the same batches.
+        tiles, _, _ = tissue_tiles(reader, settings.min_tissue)
+        sample = reader.read(tiles[: settings.batch_size * 4])
+        engine.probabilities(sample[: settings.batch_size])  # warm
+        started = time.perf_counter()
+        for start in range(0, len(tiles), settings.batch_size):
+            count = min(settings.batch_size, len(tiles) - start)
+            engine.probabilities([sample[(start + i) % len(sample)] for i in range(count)])
+        engine_rate = len(tiles) / (time.perf_counter() - started)
+        engine_rss = peak_rss_mib()
+        started = time.perf_counter()
+        result = analyse_slide(reader, engine, settings.min_tissue, settings.batch_size)
+        end_to_end = time.perf_counter() - started
+    rate = len(result.tiles) / end_to_end
+    peak = peak_rss_mib()
+    print(f"tissue tiles: {len(result.tiles)} of {described['columns'] * described['rows']} "
+          f"(tissue detection {result.seconds['tissue']:.2f} s)")
+    print(f"engine alone (tiles in memory): {engine_rate:.1f} tiles/s")
+    print(f"end to end (read + tissue + classify): {rate:.1f} tiles/s in {end_to_end:.1f} s: "
+          f"{rate / engine_rate:.2f} of the engine's throughput")
+    print(f"peak RSS: {peak:.0f} MiB: the engine {baseline_rss:.0f} MiB loaded, {engine_rss:.0f} MiB after its "
+          f"batches of {settings.batch_size}, {peak - engine_rss:+.0f} MiB for the slide")
+    hours = RESECTION_TILES / rate / 3600
+    print(f"projected: a resection slide of {RESECTION_TILES:,} tissue tiles (4,000 mm2) at this rate: "
+          f"{hours:.2f} h ({RESECTION_TILES / rate / 60:.0f} min)")
+    if args.labels:
+        if not args.patches:
+            p.error("--labels needs --patches")
+        found = agreement(result, Path(args.labels), Path(args.patches), engine, engine.threshold)
+        print("agreement with the engine on the patient's patches (patch alone, threshold "
+              f"{engine.threshold}): {found['covered']} of {found['labelled']} labelled patches are tissue tiles; "
+              f"mean |P(IDC) tile - patch| {found['mean_abs_p_difference']:.4f} (mean {found['mean_p_difference']:+.4f}), "
+              f"{found['decisions_differ']} decisions differ; balanced accuracy: tiles "
+              f"{found['balanced_accuracy_tiles']:.4f}, the same patches {found['balanced_accuracy_patches_same']:.4f}, "
+              f"every patch {found['balanced_accuracy_all_patches']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
