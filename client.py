@@ -97,7 +97,7 @@ def post_image(session: requests.Session, url: str, data: bytes, content_type: s
         try:
             return session.post(url, data=data, headers={**headers, "Content-Type": content_type},
                                 timeout=timeout)
-        except requests.ConnectionError as err:
+        except requests.ConnectionError:
             if attempt == retries:
                 raise
             delay = backoff * 2 ** attempt

@@ -50,6 +50,9 @@ VARIANTS = {
                  {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
     "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2): the default",
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
+    "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95; the patch CNN sees half its "
+             "patches compressed), as slide scanners store tiles",
+             {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
 }
 
 

@@ -17,7 +17,6 @@ times the zip through the API alone (requests, no browser). Targets: zip <= 5 s,
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil

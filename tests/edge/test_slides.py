@@ -189,3 +189,38 @@ def test_inception_test_classifies_a_slide(slides, tiny_project, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "inception_test.py"), "--config", str(config.path), "--keras",
                           "--slide", str(ROOT / "README.md")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 1 and "!! README.md is not a slide OpenSlide can read" in bad.stdout
+
+
+def test_ctrl_c_stops_a_slide_and_leaves_nothing_half_written(tiny_project, tmp_path):
+    """SIGINT while the tiles stream through the engine (one tile a call, so it is still running)."""
+    import json as json_module
+    import os
+    import signal
+    import time
+
+    config, _ = tiny_project
+    raw = json_module.loads(config.path.read_text())
+    raw["Slides"] = {**raw.get("Slides", {}), "batch_size": 1}
+    slow = tmp_path / "confs.json"
+    slow.write_text(json_module.dumps(raw))
+    rng = np.random.default_rng(1)
+    tissue = [(np.asarray(patch_image(int(rng.integers(2)), rng)), c * PATCH, r * PATCH) for c in range(40) for r in range(40)]
+    path = write_slide(tmp_path / "big.tiff", paste(tissue, (40 * PATCH, 40 * PATCH)), MODEL_MPP, levels=1)
+    out = tmp_path / "out" / "big"
+    process = subprocess.Popen([sys.executable, str(ROOT / "inception_test.py"), "--config", str(slow), "--keras",
+                                "--slide", str(path), "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        os.set_blocking(process.stderr.fileno(), False)
+        seen, deadline = "", time.monotonic() + 120
+        while "big.tiff" not in seen and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            seen += (process.stderr.read() or b"").decode(errors="replace")  # the progress bar: tiles are streaming
+        assert "big.tiff" in seen and process.poll() is None, seen[-2000:]
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stdout.decode(errors="replace")
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no outputs, no .partial folder

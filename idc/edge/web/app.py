@@ -1,14 +1,18 @@
 """The edge server's application factory: the only place that creates the Flask app.
 
-`create_app(config, classifier, publisher)` builds it: the shared state (idc.edge.web.state), the
-blueprints (/api/infer, /api/infer/batch, /api/health and /metrics, the review station and its
-login), one hook before and one after every request, and the JSON error handlers. Nothing heavy
-happens at import; tests build apps with their own config and a classifier of their own.
+`create_app(config, classifier, publisher)` builds it: the shared state (idc.edge.web.state) with
+its slide worker (idc.edge.web.slides: started here, stopped by `app.extensions["idc"].close()`),
+the blueprints (/api/infer, /api/infer/batch, /api/health and /metrics, the review station, its
+Slides page and its login), one hook before and one after every request, and the JSON error
+handlers. Nothing heavy happens at import; tests build apps with their own config and a
+classifier of their own.
 `idc.edge.web.serving.serve(app, config)` runs it. The HTTP contract is docs/api.md.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -20,7 +24,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from idc.core.config import Config
 from idc.core.errors import ApiError
 from idc.edge.identity import identity_headers
-from idc.edge.web import auth, batch, health, infer, review
+from idc.edge.web import auth, batch, health, infer, review, slides
 from idc.edge.web.protocol import HEALTH, INFER, InMemoryRequest, failed
 from idc.edge.web.state import EXTENSION, ServerState
 
@@ -29,9 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The one inline style the pages hold: OpenSeadragon (the slide viewer, static/openseadragon/) adds it
+# (a focus outline on touch screens); allowed by its hash, so no other inline style or script runs.
+OPENSEADRAGON_STYLE = "@media (hover: none) {    .openseadragon-canvas:focus {        outline: none !important;    }}"
+STYLE_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(OPENSEADRAGON_STYLE.encode()).digest()).decode() + "'"
 # The pages load nothing from elsewhere: scripts, styles and images come from this server only.
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+PAGE_POLICY = (f"default-src 'self'; img-src 'self' blob: data:; style-src 'self' {STYLE_HASH}; "
+               "script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 def create_app(config: Config, classifier: Classifier | None = None, publisher=None) -> Flask:
@@ -66,8 +74,9 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
         SESSION_COOKIE_NAME="idc_session", SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=bool(server.tls_cert))
     state = ServerState(config, classifier, publisher, owns_publisher)
+    state.slides = slides.SlideWorker(config, classifier, state.review, state.model_label)
     app.extensions[EXTENSION] = state
-    for blueprint in (infer.bp, batch.bp, health.bp, review.bp, auth.bp):
+    for blueprint in (infer.bp, batch.bp, health.bp, review.bp, slides.bp, auth.bp):
         app.register_blueprint(blueprint)
     model_headers = identity_headers(state.identity)
 
@@ -118,4 +127,5 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
         g.outcome = "error='internal server error'"
         return failed(500, "internal server error: the fault is logged on the server")
 
+    state.slides.start()  # last: the app is complete before a slide can be analysed
     return app

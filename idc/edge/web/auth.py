@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 from flask import Blueprint, redirect, render_template, request, session
@@ -19,7 +20,8 @@ from idc.core.errors import ApiError
 from idc.edge.web.state import ServerState, current_state
 
 SESSION_HOURS = 12
-PAGES = ("/", "/review")  # where a login may send the browser back to
+PAGES = ("/", "/review", "/slides")  # where a login may send the browser back to, and a slide's viewer
+SLIDE_PAGE = re.compile(r"/slides/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 bp = Blueprint("auth", __name__)
 
@@ -64,7 +66,7 @@ def session_secret(api_key: str | None) -> bytes:
 
 
 def safe_next(path: str | None) -> str:
-    return path if path in PAGES else "/"
+    return path if path in PAGES or (path and SLIDE_PAGE.fullmatch(path)) else "/"
 
 
 def login_page(message: str, status: int, target: str | None = None):

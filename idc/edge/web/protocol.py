@@ -18,6 +18,7 @@ INFER = "/api/infer"
 BATCH = "/api/infer/batch"
 HEALTH = "/api/health"
 METRICS = "/metrics"
+SLIDES = "/api/slides"  # whole slides: idc.edge.web.slides
 RAW_TYPES = ("application/octet-stream", "")  # plus any image/*; no Content-Type counts as raw bytes
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/x-zip")
 # The shared decoder's error types, as HTTP statuses (the first that matches).

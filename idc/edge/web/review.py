@@ -2,9 +2,9 @@
 docs/review-station.md). The queue itself is idc.edge.web.store.
 
 - `GET /`: drop patches, or a zip of a patient's patches, see verdicts and the slide mosaic.
-- `GET /review`: the queue.
+- `GET /review`: the queue (`?item=<id>`: that item alone, as a slide's viewer links to it).
 - `GET /api/review/queue?status=pending|reviewed|all&order=uncertain|oldest|newest|reviewed&needs_review=1
-  &disagreements=1&patient=&limit=&offset=`: items (without images), most uncertain first by default.
+  &disagreements=1&patient=&item=&limit=&offset=`: items (without images), most uncertain first by default.
 - `GET /api/review/items/<id>/image`; `POST /api/review/items/<id>` with JSON
   `{"label": "idc"|"no_idc"|"unsure", "note": str, "reviewer": str}` (or, from the first station's clients,
   `{"decision": "agree"|"disagree"|"unsure", ...}`, converted to the label against the model's verdict).
@@ -63,24 +63,34 @@ def _threshold() -> float:
     return 0.5 if threshold is None else float(threshold)
 
 
-def _page(template: str):
+def login_needed():
+    """The key form (401) when the server has a key and this browser has no session; else None."""
     state = current_state()
     if state.auth_required and not session_ok():
         return login_page("This review station needs the server's API key.", 401)
+    return None
+
+
+def render_page(template: str, **values):
+    """A page of the station (the key form first when needed), with what every page shows."""
+    refused = login_needed()
+    if refused is not None:
+        return refused
+    state = current_state()
     return render_template(template, identity=state.identity, auth=state.auth_required,
                            rule=stated_rule(state.classifier),
                            max_upload_bytes=state.config.Server.max_upload_bytes,
-                           batch_max_files=state.config.Server.batch_max_files)
+                           batch_max_files=state.config.Server.batch_max_files, **values)
 
 
 @bp.get("/")
 def index_page():
-    return _page("index.html")
+    return render_page("index.html")
 
 
 @bp.get("/review")
 def review_page():
-    return _page("review.html")
+    return render_page("review.html")
 
 
 def _store_call(fn, *args, **kwargs):
@@ -126,7 +136,7 @@ def queue():
     status = _choice_arg("status", "pending", STATUSES)
     order = _choice_arg("order", "uncertain", ORDERS)
     filters = {"needs_review": _flag_arg("needs_review"), "disagreements": _flag_arg("disagreements"),
-               "patient": request.args.get("patient") or None}
+               "patient": request.args.get("patient") or None, "item": _int_arg("item", 0, 1, 2**63 - 1) or None}
     if filters["patient"] is not None and len(filters["patient"]) > MAX_PATIENT:
         raise ApiError(400, f"patient must be at most {MAX_PATIENT} characters")
     limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, 10**9)

@@ -15,7 +15,7 @@ from flask import Flask
 
 from idc.core.config import Config
 from idc.core.errors import ListenError
-from idc.edge.web.protocol import HEALTH, INFER
+from idc.edge.web.protocol import HEALTH, INFER, SLIDES
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,34 @@ log = logging.getLogger(__name__)
 WAITRESS_BODY_SLACK = 1 << 20
 
 
-def _json_error_channel(max_upload_bytes: int):
+def _is_slide_upload(request) -> bool:
+    return request.command == "POST" and request.path == SLIDES
+
+
+def _json_error_channel(max_upload_bytes: int, max_slide_bytes: int):
     """A waitress channel whose own error answers (a body over its limit, a malformed request) are
-    the API's JSON errors instead of waitress's plain text."""
+    the API's JSON errors instead of waitress's plain text, and whose body limit is the slides' own
+    (Slides.max_upload_bytes) for POST /api/slides alone: slides are gigabytes, patches kilobytes.
+    waitress spools a large body to a temporary file, not to memory, before the app reads it."""
+    import copy
+
     from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
     from waitress.task import ErrorTask
+
+    class SlideUploadParser(HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if _is_slide_upload(self):  # before received() compares the body with the limit
+                self.adj = copy.copy(self.adj)
+                self.adj.max_request_body_size = max_slide_bytes + WAITRESS_BODY_SLACK
 
     class JsonErrorTask(ErrorTask):
         def execute(self):
             error = self.request.error
-            if error.code == 413:
+            if error.code == 413 and _is_slide_upload(self.request):
+                message = f"slide too large: the limit is {max_slide_bytes} bytes (Slides.max_upload_bytes)"
+            elif error.code == 413:
                 message = f"upload too large: the limit is {max_upload_bytes} bytes"
             else:
                 message = f"{error.reason.lower()}: {error.body}"
@@ -48,13 +66,14 @@ def _json_error_channel(max_upload_bytes: int):
             self.content_length = len(body)
             self.write(body)
 
-    return type("JsonErrorChannel", (HTTPChannel,), {"error_task_class": JsonErrorTask})
+    return type("JsonErrorChannel", (HTTPChannel,), {"error_task_class": JsonErrorTask,
+                                                      "parser_class": SlideUploadParser})
 
 
 def create_waitress_server(app: Flask, config: Config, host: str | None = None, port: int | None = None):
     """A waitress server for `app` (not yet running: call .run()); host, port, threads from config.
 
-    Bodies over max_upload_bytes + 1 MiB are refused by waitress itself, from the Content-Length
+    Bodies over max_upload_bytes + 1 MiB (Slides.max_upload_bytes + 1 MiB for a slide upload) are refused by waitress itself, from the Content-Length
     header before the body is read (chunked bodies once that much has arrived), so a client cannot
     make the server buffer more than that; they get the same JSON 413 as smaller ones, which reach
     Flask's 413.
@@ -84,7 +103,7 @@ def create_waitress_server(app: Flask, config: Config, host: str | None = None, 
         ident="IDC-Classifier",
         clear_untrusted_proxy_headers=True,
     )
-    channel = _json_error_channel(server.max_upload_bytes)
+    channel = _json_error_channel(server.max_upload_bytes, config.Slides.max_upload_bytes)
     for listener in list(sockets.values()):  # one per listening socket; nothing is accepted before .run()
         if isinstance(listener, waitress.server.BaseWSGIServer):
             listener.channel_class = channel

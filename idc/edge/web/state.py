@@ -25,8 +25,8 @@ EXTENSION = "idc"  # the app.extensions key holding the ServerState
 
 
 class ServerState:
-    """The classifier, the result publisher, the archive, the review queue, the metrics and the
-    request counters of one app."""
+    """The classifier, the result publisher, the archive, the review queue, the slide worker, the
+    metrics and the request counters of one app."""
 
     def __init__(self, config: Config, classifier, publisher, owns_publisher: bool):
         server = config.Server
@@ -47,6 +47,9 @@ class ServerState:
             except ReviewStoreError as err:
                 log.error("review queue unavailable: %s", err)
         self.review_writer = QueueWriter(self.review)
+        # The Slides page's worker (idc.edge.web.slides.SlideWorker): create_app makes it, since it needs the
+        # review store made here and that module reads this one (current_state).
+        self.slides = None
         self.metrics = ServerMetrics(self)
         self.started = time.monotonic()
         self._lock = threading.Lock()
@@ -98,7 +101,9 @@ class ServerState:
         return {"loaded": True, **{key: value for key, value in described.items() if key != "model"}}
 
     def close(self) -> None:
-        """Stop the MQTT publisher if the app created it."""
+        """Stop the slide worker, and the MQTT publisher if the app created it."""
+        if self.slides is not None:
+            self.slides.close()
         if self.owns_publisher:
             self.publisher.stop()
 

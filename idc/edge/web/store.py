@@ -4,7 +4,9 @@
 `review.sqlite3` in the model directory): every patch the model flags for review (and, with
 `Server.review_all_idc`, every IDC verdict) is stored with its image and verdict; a reviewer sets
 its label (IDC / no IDC / unsure; `decision`, agree / disagree / unsure, follows from it and the
-model's verdict) with an optional note and name. It survives restarts; several
+model's verdict) with an optional note and name. A tile of a whole slide (idc.edge.web.slides)
+also keeps where it is on its slide (`slide`, `slide_x`, `slide_y`, `slide_size`: level-0 pixels),
+so the station links it to the slide's viewer and back. It survives restarts; several
 processes may write to it at once (WAL journal, a busy timeout, one short transaction per write).
 A database that is corrupt, locked for longer than the busy timeout or unwritable raises
 ReviewStoreError with a message that says what to do. `QueueWriter` queues single-image results
@@ -39,14 +41,17 @@ CREATE TABLE IF NOT EXISTS items (
     format TEXT NOT NULL, image BLOB NOT NULL,
     p_idc REAL NOT NULL, label INTEGER NOT NULL, needs_review INTEGER NOT NULL,
     reason TEXT NOT NULL, model TEXT, created_at TEXT NOT NULL,
-    decision TEXT, note TEXT, reviewer TEXT, reviewed_at TEXT, review_label TEXT
+    decision TEXT, note TEXT, reviewer TEXT, reviewed_at TEXT, review_label TEXT,
+    slide TEXT, slide_x INTEGER, slide_y INTEGER, slide_size INTEGER
 );
 CREATE INDEX IF NOT EXISTS items_by_decision ON items (decision, id);
 """
 # `label` is the model's verdict (1 IDC, 0 no IDC); `review_label` the reviewer's (LABELS), null while pending;
-# `decision` (DECISIONS) follows from the two.
+# `decision` (DECISIONS) follows from the two. A slide's tile: `slide` (its id on the Slides page), the tile's
+# level-0 x, y and side; its `patient` is the slide id, so the patient filter selects a slide's tiles.
 COLUMNS = ("id", "sha256", "name", "patient", "x", "y", "format", "p_idc", "label", "needs_review", "reason",
-           "model", "created_at", "decision", "note", "reviewer", "reviewed_at", "review_label")
+           "model", "created_at", "decision", "note", "reviewer", "reviewed_at", "review_label",
+           "slide", "slide_x", "slide_y", "slide_size")
 # A queue written before the reviewer set the label has no review_label: added, and derived from the decision.
 MIGRATE_REVIEW_LABEL = (
     "ALTER TABLE items ADD COLUMN review_label TEXT",
@@ -54,6 +59,9 @@ MIGRATE_REVIEW_LABEL = (
     "WHEN 'agree' THEN (CASE WHEN label = 1 THEN 'idc' ELSE 'no_idc' END) "
     "WHEN 'disagree' THEN (CASE WHEN label = 1 THEN 'no_idc' ELSE 'idc' END) END WHERE decision IS NOT NULL",
 )
+# A queue written before whole slides has no slide columns: added, empty (its items are patches).
+MIGRATE_SLIDE = tuple(f"ALTER TABLE items ADD COLUMN {column}"
+                      for column in ("slide TEXT", "slide_x INTEGER", "slide_y INTEGER", "slide_size INTEGER"))
 ORDERS = {  # the queue's orders: ORDER BY, with the threshold as the first parameter of "uncertain"
     "uncertain": "abs(p_idc - ?), id",  # closest to the threshold (most uncertain) first
     "oldest": "id",
@@ -84,6 +92,10 @@ class QueueEntry:
     needs_review: bool
     name: str | None = None  # the upload's file name, if any (only used to show and to read coordinates)
     model: str = ""
+    slide: str | None = None  # a whole slide's tile: the slide's id, and the tile's level-0 x, y and side
+    slide_x: int | None = None
+    slide_y: int | None = None
+    slide_size: int | None = None
 
     @property
     def reason(self) -> str:
@@ -152,12 +164,13 @@ class ReviewStore:
             self._ready = True
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Add review_label to a queue made before it (once, under the write lock: another process may be
-        migrating the same file), its reviewed rows' labels derived from their decisions."""
+        """Bring a queue made by an older server up to date (once, under the write lock: another process may
+        be migrating the same file): add review_label, its reviewed rows' labels derived from their
+        decisions; add the slide columns, empty."""
         def columns():
             return {row[1] for row in conn.execute("PRAGMA table_info(items)")}
 
-        if "review_label" in columns() or not {"decision", "label"} <= columns():
+        if {"review_label", "slide"} <= columns() or not {"decision", "label"} <= columns():
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -166,6 +179,10 @@ class ReviewStore:
                     conn.execute(statement)
                 log.info("review database %s: added the reviewer's label, derived from %d decisions", self.path,
                          conn.execute("SELECT count(*) FROM items WHERE decision IS NOT NULL").fetchone()[0])
+            if "slide" not in columns():
+                for statement in MIGRATE_SLIDE:
+                    conn.execute(statement)
+                log.info("review database %s: added the slide columns (whole slides' tiles)", self.path)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -210,13 +227,18 @@ class ReviewStore:
         with self._db(write=True) as conn:
             for entry in entries:
                 digest = hashlib.sha256(entry.image).hexdigest()
-                patch = parse_patch_name(Path(entry.name)) if entry.name else None
+                if entry.slide is not None:  # a slide's tile: the slide is its patient, x, y its place on it
+                    patient, x, y = entry.slide, entry.slide_x, entry.slide_y
+                else:
+                    patch = parse_patch_name(Path(entry.name)) if entry.name else None
+                    patient, x, y = (patch.patient, patch.x, patch.y) if patch else (None, None, None)
                 conn.execute(
                     "INSERT INTO items (sha256, name, patient, x, y, format, image, p_idc, label, needs_review, "
-                    "reason, model, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO NOTHING",
-                    (digest, entry.name, patch.patient if patch else None, patch.x if patch else None,
-                     patch.y if patch else None, entry.format, entry.image, float(entry.p_idc), int(entry.label),
-                     int(entry.needs_review), entry.reason, entry.model, now))
+                    "reason, model, created_at, slide, slide_x, slide_y, slide_size) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO NOTHING",
+                    (digest, entry.name, patient, x, y, entry.format, entry.image, float(entry.p_idc),
+                     int(entry.label), int(entry.needs_review), entry.reason, entry.model, now,
+                     entry.slide, entry.slide_x, entry.slide_y, entry.slide_size))
                 ids.append(conn.execute("SELECT id FROM items WHERE sha256 = ?", (digest,)).fetchone()[0])
         return ids
 
@@ -227,8 +249,12 @@ class ReviewStore:
         return {"pending": pending, "reviewed": total - pending}
 
     @staticmethod
-    def _where(status: str, needs_review: bool, disagreements: bool, patient: str | None) -> tuple[str, list]:
+    def _where(status: str, needs_review: bool, disagreements: bool, patient: str | None,
+               item: int | None = None) -> tuple[str, list]:
         clauses, params = [STATUSES[status]], []
+        if item is not None:
+            clauses.append("id = ?")
+            params.append(item)
         if needs_review:
             clauses.append("needs_review = 1")
         if disagreements:  # reviewed, and the reviewer's label is not the model's
@@ -241,11 +267,11 @@ class ReviewStore:
 
     def items(self, status: str = "pending", limit: int = 100, offset: int = 0, *, order: str = "uncertain",
               threshold: float = 0.5, needs_review: bool = False, disagreements: bool = False,
-              patient: str | None = None) -> list[dict]:
+              patient: str | None = None, item: int | None = None) -> list[dict]:
         """Queue items without their images, `order` (ORDERS; "uncertain": |p_idc - threshold| ascending),
         filtered: status (pending, reviewed, all), flagged by the review band only, disagreements only, one
-        patient only."""
-        where, params = self._where(status, needs_review, disagreements, patient)
+        patient (or slide) only, one item only."""
+        where, params = self._where(status, needs_review, disagreements, patient, item)
         ordering = ORDERS[order]
         with self._db() as conn:
             rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE {where} ORDER BY {ordering} "
@@ -255,14 +281,14 @@ class ReviewStore:
         return [_item(row) for row in rows]
 
     def matching(self, status: str = "pending", *, needs_review: bool = False, disagreements: bool = False,
-                 patient: str | None = None) -> int:
+                 patient: str | None = None, item: int | None = None) -> int:
         """How many items `items` would list with these filters and no limit."""
-        where, params = self._where(status, needs_review, disagreements, patient)
+        where, params = self._where(status, needs_review, disagreements, patient, item)
         with self._db() as conn:
             return conn.execute(f"SELECT count(*) FROM items WHERE {where}", params).fetchone()[0]
 
     def patients(self) -> list[str]:
-        """The patients of the queued items (from Kaggle patch names), sorted."""
+        """The patients of the queued items (from Kaggle patch names; a slide's tiles: the slide), sorted."""
         with self._db() as conn:
             rows = conn.execute("SELECT DISTINCT patient FROM items WHERE patient IS NOT NULL").fetchall()
         return sorted((row[0] for row in rows), key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0, p))

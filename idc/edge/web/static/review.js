@@ -1,5 +1,7 @@
 // The review queue: each queued patch with the model's verdict; the reviewer sets the label
 // (IDC / no IDC / unsure) with a note. Most uncertain first (closest to the threshold), with filters.
+// A whole slide's tile links to its place in the slide's viewer; /review?item=<id> (where the viewer
+// links to) shows that one item until a filter is changed.
 "use strict";
 (() => {
   const queue = document.getElementById("queue");
@@ -9,6 +11,7 @@
   const patient = document.getElementById("patient");
   const threshold = parseFloat(document.body.dataset.threshold);
   const LABELS = {idc: "IDC", no_idc: "no IDC", unsure: "unsure"};
+  let onlyItem = new URLSearchParams(window.location.search).get("item");
   reviewer.value = sessionStorage.getItem("idc-reviewer") || "";
   reviewer.addEventListener("change", () => sessionStorage.setItem("idc-reviewer", reviewer.value.trim()));
 
@@ -21,6 +24,7 @@
   function card(item) {
     const el = document.createElement("article");
     el.className = "card";
+    el.id = `item-${item.id}`;
     el.dataset.id = item.id;
     el.dataset.p = String(item.p_idc);
     el.dataset.label = item.label ? "idc" : "no_idc";
@@ -44,7 +48,17 @@
     const name = line("name");
     name.textContent = Station.displayName(item.name) || "(no file name)";
     name.title = name.textContent;
-    if (item.patient) {
+    if (item.slide) {
+      const where = document.createElement("span");
+      where.className = "where";
+      where.textContent = ` · slide ${item.slide} (x ${item.slide_x}, y ${item.slide_y})`;
+      const link = document.createElement("a");
+      link.className = "on-slide";
+      link.textContent = "on the slide";
+      link.href = `/slides/${encodeURIComponent(item.slide)}?` +
+        new URLSearchParams({x: item.slide_x, y: item.slide_y, size: item.slide_size});
+      name.append(where, link);
+    } else if (item.patient) {
       const where = document.createElement("span");
       where.className = "where";
       where.textContent = ` · patient ${item.patient} (x ${item.x}, y ${item.y})`;
@@ -116,7 +130,8 @@
   async function load() {
     const seq = ++loads;
     queue.dataset.loaded = "no";
-    const query = new URLSearchParams({status: filter.value, order: order.value, limit: "200"});
+    const query = new URLSearchParams({status: onlyItem ? "all" : filter.value, order: order.value, limit: "200"});
+    if (onlyItem) query.set("item", onlyItem);
     if (needsReview.checked) query.set("needs_review", "1");
     if (disagreements.checked) query.set("disagreements", "1");
     if (patient.value) query.set("patient", patient.value);
@@ -129,6 +144,7 @@
     queue.replaceChildren(...body.Items.map(card));
     const shown = body.Items.length < body.Matching ? `${body.Items.length} of ${body.Matching}` : `${body.Matching}`;
     Station.status(`${shown} shown · ${body.Pending} waiting, ${body.Reviewed} reviewed`);
+    if (onlyItem) showingOne(body.Items[0]);
     if (!body.Items.length) {
       const empty = document.createElement("p");
       empty.className = "empty";
@@ -136,6 +152,45 @@
       queue.replaceChildren(empty);
     }
     queue.dataset.loaded = "yes";
+  }
+
+  // /review?item=<id>: a line above the queue says so and leads to the whole queue (or the item's slide).
+  function showingOne(item) {
+    document.getElementById("only-item")?.remove();
+    const note = document.createElement("p");
+    note.id = "only-item";
+    note.className = "only-item";
+    note.append(item ? `Item ${item.id} only` + (item.slide ? ` (a tile of slide ${item.slide}). ` : ". ")
+      : `No review item ${onlyItem}. `);
+    const all = document.createElement("a");
+    all.href = "/review";
+    all.textContent = "Show the whole queue";
+    all.addEventListener("click", event => { event.preventDefault(); allItems(); });
+    note.append(all);
+    if (item && item.slide) {
+      const slide = document.createElement("a");
+      slide.href = `/review`;
+      slide.textContent = `this slide's items`;
+      slide.addEventListener("click", event => { event.preventDefault(); allItems(item.slide); });
+      note.append(" · ", slide);
+    }
+    queue.before(note);
+  }
+
+  function leaveOne() {  // the filters apply again
+    onlyItem = null;
+    document.getElementById("only-item")?.remove();
+    window.history.replaceState(null, "", "/review");
+  }
+
+  function allItems(slide) {
+    leaveOne();
+    if (slide) {
+      filter.value = "all";
+      patient.replaceChildren(new Option(slide, slide));
+      patient.value = slide;
+    }
+    load();
   }
 
   // A disagreement is a reviewed item: "disagreements only" shows reviewed items, "waiting" clears it.
@@ -148,5 +203,8 @@
     load();
   });
   for (const control of [order, needsReview, patient]) control.addEventListener("change", load);
+  for (const control of [filter, order, needsReview, disagreements, patient]) {
+    control.addEventListener("change", () => { if (onlyItem) leaveOne(); }, {capture: true});
+  }
   load();
 })();
