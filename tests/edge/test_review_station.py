@@ -31,15 +31,6 @@ def images(tiny_project):
     return {"positive": (test / "positive.png").read_bytes(), "negative": (test / "negative.png").read_bytes()}
 
 
-@pytest.fixture(scope="module")
-def flagging_classifier(tiny_project, tiny_classifier):
-    """The tiny FP16 model with a review band so wide that every patch is flagged for review."""
-    from idc.edge.engine import load_classifier
-
-    config, _ = tiny_project
-    return load_classifier(config, "FP16", threshold=0.5, review_band=0.499999)
-
-
 @pytest.fixture
 def station(make_config, tiny_classifier, tmp_path):
     """station(classifier=tiny, **Server keys) -> Flask test client; the review db is in tmp_path."""

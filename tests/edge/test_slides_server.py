@@ -44,15 +44,6 @@ def make_slide(path, mpp=4.0, seed=0, cells=None):
     return write_slide(path, slide_pixels(seed, cells), mpp, levels=2, tile=128)
 
 
-@pytest.fixture(scope="module")
-def flagging_classifier(tiny_project, tiny_classifier):
-    """The tiny FP16 model with a review band so wide that every tile is flagged for review."""
-    from idc.edge.engine import load_classifier
-
-    config, _ = tiny_project
-    return load_classifier(config, "FP16", threshold=0.5, review_band=0.499999)
-
-
 @pytest.fixture
 def slides_config(make_config, tiny_project, tmp_path):
     """slides_config(**Slides keys) -> a Config: the tiny model, slides, watch folder, review db in tmp_path."""
