@@ -42,6 +42,7 @@ from werkzeug.formparser import FormDataParser
 
 from idc.core.config import Config
 from idc.core.errors import ApiError, ReviewStoreError, SlideError
+from idc.core.files import write_text_atomically
 from idc.edge.web.auth import check_access
 from idc.edge.web.protocol import NO_MODEL, SLIDES
 from idc.edge.web.review import login_needed, render_page
@@ -105,13 +106,6 @@ def figures(summary: dict) -> dict:
             "idc_tiles": summary["idc_tiles"], "idc_area_mm2": summary["idc_area_mm2"],
             "idc_share": summary["idc_share"], "tiles_to_review": summary["tiles_to_review"],
             "seconds": summary["seconds"].get("total")}
-
-
-def _write_json(path: Path, value) -> None:
-    """Whole or not at all: a reader (or a crash) never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1))
-    partial.replace(path)
 
 
 class SlideWorker:
@@ -366,9 +360,10 @@ class SlideWorker:
                 progress=lambda done, total: self._progress(job, done, total), should_stop=self._should_stop)
             message = self._queue_flagged(job, result, folder) if self.settings.review_flagged else ""
             finished = utc_now()
-            _write_json(folder / SOURCE, {"file": job.file, "path": str(job.path), "via": job.via, "size": job.size,
-                                          "mtime_ns": job.mtime_ns, "queued_at": job.queued_at,
-                                          "started_at": job.started_at, "finished_at": finished})
+            source = {"file": job.file, "path": str(job.path), "via": job.via, "size": job.size,
+                      "mtime_ns": job.mtime_ns, "queued_at": job.queued_at, "started_at": job.started_at,
+                      "finished_at": finished}
+            write_text_atomically(folder / SOURCE, json.dumps(source, indent=1))
         except Stopped:
             with self._cond:
                 job.status, job.done, job.total, job.started_at = "queued", 0, 0, None
@@ -422,7 +417,7 @@ class SlideWorker:
             return f"done, but its {len(flagged)} tiles to review are not in the review queue: {err}"
         finally:
             if items:
-                _write_json(folder / REVIEW, {"items": items})
+                write_text_atomically(folder / REVIEW, json.dumps({"items": items}, indent=1))
         return ""
 
     # --- what the pages read ---
