@@ -22,13 +22,15 @@ from idc.core.context import with_context
 from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
 from idc.core.preprocessing import decode_image
 from idc.edge.engine import load_classifier
-from idc.training import data, html_report, reports
+from idc.training import data, html_report, reports, stain
 
 log = logging.getLogger(__name__)
 
 
-def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: int = 10, echo=print):
-    """P(IDC) for each readable patch, printing the article's streaming accuracy lines.
+def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: int = 10, echo=print,
+                    staining: stain.PatientStain | None = None):
+    """P(IDC) for each readable patch, printing the article's streaming accuracy lines; each decoded
+    patch also goes into `staining` (its patient's stain statistics) when given.
 
     Returns (kept patches, probabilities, skipped [(file, why)])."""
     kept, probabilities, skipped = [], [], []
@@ -41,6 +43,8 @@ def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: 
             try:
                 images.append(decode_image(patch.path))
                 batch.append(patch)
+                if staining is not None:
+                    staining.add(patch.patient, images[-1])
             except ImageError as err:
                 skipped.append((str(patch.path), str(err)))
         if not batch:
@@ -81,7 +85,8 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
                                  f"`./compile_ncs.sh --precision {precision}` first")
     echo(f"Evaluating {engine.backend} ({engine.image_size} px, threshold {engine.threshold}, review band "
          f"{engine.review_band}: {engine.rule_source}) on {len(patches)} patches ({name})")
-    kept, p, skipped = predict_patches(engine, patches, config.classifier.batch_size, echo=echo)
+    staining = stain.PatientStain()
+    kept, p, skipped = predict_patches(engine, patches, config.classifier.batch_size, echo=echo, staining=staining)
     labels = np.array([x.label for x in kept])
     threshold = engine.threshold
     predicted, review = metrics.decide(p, threshold, engine.review_band)
@@ -94,6 +99,7 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     result["mean_confidence_correct"] = float(np.where(predicted == 1, p, 1 - p)[correct].mean()) \
         if correct.any() else float("nan")
     patients = metrics.per_patient([x.patient for x in kept], labels, p, threshold)
+    result["staining"] = stain.annotate(patients, staining, _training_staining(config))
     false_negatives = (labels == 1) & (predicted == 0)
     result.update({
         "evaluated_on": name, "model": engine.describe(), "patients": len(patients), "skipped": len(skipped),
@@ -119,6 +125,7 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
     plots = reports.plot_report(report_dir, labels, p, threshold,
                                 {"head": model.history("head"), "fine-tuning": model.history("fine_tune"),
                                   "patch CNN": model.history("patch_cnn")})
+    plots += [path for path in [stain.plot(report_dir, patients)] if path is not None]
     heatmaps = html_report.save_patient_heatmaps(report_dir, rows)
     gallery = html_report.save_gallery(report_dir, *missed_and_nearest_negatives(config, engine, rows))
     index = html_report.write_index(report_dir, result, patients, plots, heatmaps, gallery, _tradeoff(model))
@@ -129,6 +136,20 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
         echo(f"skipped {len(skipped)} unreadable images, e.g. {skipped[0][0]}: {skipped[0][1]}")
     echo(f"report: {index} ({len(plots)} plots, {len(heatmaps)} slide heatmaps, predictions.csv, metrics.json)")
     return result
+
+
+def _training_staining(config: Config) -> dict | None:
+    """The training patients' staining (idc.training.stain.reference), the yardstick of each evaluated
+    patient's stain distance; None where the sorted training patches are not here (e.g. an edge box)."""
+    try:
+        patches = config.model.read_manifest("train")
+    except DatasetError:
+        patches = []
+    ref = stain.reference(patches, seed=config.classifier.random_seed) if patches else None
+    if ref is None:
+        log.info("no sorted training patches in %s: the report gives each patient's staining without "
+                 "its distance from the training patients'", config.model.root)
+    return ref
 
 
 def missed_and_nearest_negatives(config: Config, engine, rows: list[dict], shown: int = 24, neighbours: int = 4,
@@ -221,6 +242,7 @@ def summary(result: dict) -> str:
                      f"at threshold {context['threshold']}:")
         lines += _metric_lines(context)
     lines.append("  (95% CI: bootstrap over patients, 1000 rounds)")
+    lines += stain.summary_lines(result.get("staining"))
     return "\n".join(lines)
 
 
