@@ -11,6 +11,13 @@ VALIDATION figures; the test figures are reported, not used to choose.
 
   python trainer.py sort ...    # once: the split every variant shares
   python benchmarks/ablation.py --variants head views tta stain mixed2 fine_tune fine_tune_stain patch_cnn reinhard strong_stain
+
+With --folds K the choice is made on many patients instead of the 30 validation patients: the
+training and validation patients are split into K patient folds (idc.training.folds), each variant
+trains K times with one fold held out, and the table gives each variant's mean and spread over the
+folds; the test patients are not evaluated at all.
+
+  python benchmarks/ablation.py --folds 5 --variants tta strong_stain
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from idc.training.folds import make_folds
 from training import run_child  # benchmarks/training.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +57,41 @@ VARIANTS = {
                   {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16}),
     "reinhard": ("patch_cnn, on Reinhard stain-normalised images (the model's first layer)",
                  {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
-    "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2): the default",
+    "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2)",
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95; the patch CNN sees half its "
-             "patches compressed), as slide scanners store tiles",
+             "patches compressed), as slide scanners store tiles: the default",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
 }
+
+
+def configure(folder: Path, source: Path, changes: dict, config: dict) -> Path:
+    """The variant's confs.json in `folder` (a model folder), with the data and weights `source` was sorted with."""
+    settings = {**config["ClassifierSettings"], **changes, "model_dir": str(folder)}
+    options = source / "trainer_options.json"  # the data and weights the split was sorted with
+    if options.exists():
+        settings.update(json.loads(options.read_text()))
+    conf = folder / "confs.json"
+    conf.write_text(json.dumps({**config, "ClassifierSettings": settings}, indent=2))
+    return conf
+
+
+def train_and_evaluate(folder: Path, conf: Path, splits: tuple[str, ...]) -> dict:
+    """`trainer.py train`, then `evaluate.py` on each split, in `folder`: time, memory and figures."""
+    log = folder / "ablation.log"
+    seconds, peak = run_child([sys.executable, str(ROOT / "trainer.py"), "train", "--config", str(conf)], log)
+    record = json.loads((folder / "training.json").read_text())
+    row = {"train_seconds": round(seconds), "peak_rss_gib": round(peak, 2),
+           "bottlenecks_computed": record["bottleneck_cache"]["train"]["computed"]}
+    for split in splits:
+        run_child([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
+        metrics = json.loads((folder / "reports" / split / "metrics.json").read_text())
+        context = metrics.get("slide_context") or {}
+        row[split] = {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
+                      "roc_auc": metrics["roc_auc"], "ci": metrics["intervals_95"]["balanced_accuracy"],
+                      "context_balanced_accuracy": context.get("balanced_accuracy"),
+                      "context_f1_idc": context.get("f1_idc"), "patients": metrics["patients"]}
+    return row
 
 
 def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict) -> dict:
@@ -62,26 +100,41 @@ def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict
     for shared in ("train", "validation", "test", "manifest.csv", "bottlenecks"):
         if not (folder / shared).exists() and (source / shared).exists():
             (folder / shared).symlink_to(source / shared)
-    settings = {**config["ClassifierSettings"], **changes, "model_dir": str(folder)}
-    options = source / "trainer_options.json"  # the data and weights the split was sorted with
-    if options.exists():
-        settings.update(json.loads(options.read_text()))
-    conf = folder / "confs.json"
-    conf.write_text(json.dumps({**config, "ClassifierSettings": settings}, indent=2))
-    log = folder / "ablation.log"
-    seconds, peak = run_child([sys.executable, str(ROOT / "trainer.py"), "train", "--config", str(conf)], log)
-    record = json.loads((folder / "training.json").read_text())
-    row = {"variant": name, "train_seconds": round(seconds), "peak_rss_gib": round(peak, 2),
-           "bottlenecks_computed": record["bottleneck_cache"]["train"]["computed"]}
-    for split in ("validation", "test"):
-        run_child([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
-        metrics = json.loads((folder / "reports" / split / "metrics.json").read_text())
-        context = metrics.get("slide_context") or {}
-        row[split] = {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
-                      "roc_auc": metrics["roc_auc"], "ci": metrics["intervals_95"]["balanced_accuracy"],
-                      "context_balanced_accuracy": context.get("balanced_accuracy"),
-                      "context_f1_idc": context.get("f1_idc")}
-    return row
+    conf = configure(folder, source, changes, config)
+    return {"variant": name, **train_and_evaluate(folder, conf, ("validation", "test"))}
+
+
+FOLD_FIGURES = ("balanced_accuracy", "roc_auc", "f1_idc", "context_balanced_accuracy")
+
+
+def run_folds(name: str, changes: dict, source: Path, work: Path, config: dict, k: int) -> dict:
+    """The variant trained k times, each fold's patients held out (idc.training.folds) and evaluated;
+    the test patients are not looked at. Mean and spread (sample standard deviation) over the folds."""
+    folds = []
+    for folder in make_folds(source, work / name, k, seed=config["ClassifierSettings"].get("random_seed", 42)):
+        row = train_and_evaluate(folder, configure(folder, source, changes, config), ("validation",))
+        folds.append({"fold": folder.name, "train_seconds": row["train_seconds"], "peak_rss_gib": row["peak_rss_gib"],
+                      **{key: row["validation"][key] for key in ("patients", *FOLD_FIGURES)}})
+        print(json.dumps({"variant": name, **folds[-1]}), flush=True)
+    summary = {}
+    for key in FOLD_FIGURES:
+        values = [f[key] for f in folds if f[key] is not None]
+        if values:
+            summary[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {"variant": name, "folds": folds, "summary": summary,
+            "train_seconds": sum(f["train_seconds"] for f in folds), "peak_rss_gib": max(f["peak_rss_gib"] for f in folds)}
+
+
+def print_fold_table(rows: list[dict]) -> None:
+    print(f"\n{'variant':<16} {'folds':>5} {'val bal.acc mean (sd)':>22} {'AUC mean (sd)':>16} "
+          f"{'+context mean (sd)':>19} {'train s':>7} {'peak GiB':>8}  what it adds")
+    for r in rows:
+        cells = []
+        for key in ("balanced_accuracy", "roc_auc", "context_balanced_accuracy"):
+            figure = r["summary"].get(key)
+            cells.append(f"{figure['mean']:.4f} ({figure['sd']:.4f})" if figure else "-")
+        print(f"{r['variant']:<16} {len(r['folds']):>5} {cells[0]:>22} {cells[1]:>16} {cells[2]:>19} "
+              f"{r['train_seconds']:>7} {r['peak_rss_gib']:>8.2f}  {VARIANTS[r['variant']][0]}")
 
 
 def main() -> None:
@@ -92,6 +145,10 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants to run, in order (default: all)")
     p.add_argument("--work-dir", help="keep each variant's model folder here (default: a temp folder)")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="choose on K patient folds of the training and validation patients instead: each "
+                        "variant trains K times, each fold's patients held out and evaluated; the test "
+                        "patients are not evaluated (default: the sorted split, validation and test)")
     args = p.parse_args()
     config = json.loads(Path(args.config).read_text())
     source = Path(args.model_dir or config["ClassifierSettings"]["model_dir"])
@@ -101,6 +158,11 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="idc-ablation-")).resolve()
     print(f"machine: {os.cpu_count()} cores; split and cache from {source}; model folders under {work}")
     rows = []
+    if args.folds:
+        for name in args.variants:
+            rows.append(run_folds(name, VARIANTS[name][1], source, work, config, args.folds))
+        print_fold_table(rows)
+        return
     for name in args.variants:
         rows.append(run_variant(name, VARIANTS[name][1], source, work, config))
         print(json.dumps(rows[-1]), flush=True)
