@@ -46,6 +46,8 @@ VARIANTS = {
              {**BASE, "train_views": ["identity"], "test_time_augmentation": False}),
     "views": ("+ flipped and rotated copies in training", {**BASE, "test_time_augmentation": False}),
     "tta": ("+ test-time averaging over the 4 views", BASE),
+    "tta_jpeg": ("tta + a JPEG-compressed copy per patch (frozen features only: cheap enough for folds)",
+                 {**BASE, "train_views": [*DIHEDRAL, "jpeg1"]}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
               {**BASE, **MILD_STAIN, "train_views": [*DIHEDRAL, "stain1", "stain2"]}),
     "mixed2": ("tta, with mixed2's features added to mixed0's and mixed1's",

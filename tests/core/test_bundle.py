@@ -36,7 +36,7 @@ def test_training_writes_the_bundle(tiny_project):
     bundle = Bundle.load(config.model.root)
     assert (bundle.model_name, bundle.image_size, bundle.feature_layers, bundle.pooling) == (
         "DevCloudIDC", 75, ["mixed0", "mixed1"], "mean+std")
-    assert bundle.train_views == ["identity", "hflip", "vflip", "rot90"] and bundle.test_time_augmentation
+    assert bundle.train_views == ["identity", "hflip", "vflip", "rot90", "jpeg1"] and bundle.test_time_augmentation
     assert (bundle.threshold, bundle.review_band, bundle.precision) == (0.54, 0.1, None)
     assert bundle.classes == {"0": "no IDC", "1": "IDC"} and bundle.weights == "custom:tiny_trunk"
     assert bundle.data_fingerprint == config.model.fingerprint() and len(bundle.data_fingerprint) == 40

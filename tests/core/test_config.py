@@ -75,7 +75,7 @@ def test_default_lists_and_dicts_are_not_shared():
     one, other = SECTIONS["ClassifierSettings"](), SECTIONS["ClassifierSettings"]()
     one.train_views.append("stain1")
     one.stain_jitter["hed"] = 0.5
-    assert other.train_views == ["identity", "hflip", "vflip", "rot90"] and other.stain_jitter["hed"] == 0.1
+    assert other.train_views == ["identity", "hflip", "vflip", "rot90", "jpeg1"] and other.stain_jitter["hed"] == 0.1
 
 
 def test_unknown_keys_and_bad_values_still_fail_naming_key_section_and_file(tmp_path):

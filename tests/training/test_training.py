@@ -23,8 +23,8 @@ def test_training_exports_model_classes_and_record(trained):
     assert (config.model_dir / "classes.txt").read_text() == "0 no IDC\n1 IDC\n"
     saved = json.loads((config.model_dir / "training.json").read_text())
     assert saved["data"]["train"]["patients"] == 6 and saved["data"]["validation"]["patients"] == 2
-    # every training patch in each of the 4 views (augmentation); validation as it is
-    assert saved["bottleneck_cache"]["train"]["computed"] == 6 * 16 * 4
+    # every training patch in each of the 5 views (4 flips/rotations and a JPEG copy); validation as it is
+    assert saved["bottleneck_cache"]["train"]["computed"] == 6 * 16 * 5
     assert saved["bottleneck_cache"]["validation"]["computed"] == 2 * 16
     assert any((config.model_dir / "logs" / "head").rglob("events.out.tfevents.*"))
     assert (config.model_dir / "history_head.csv").exists()
@@ -63,7 +63,7 @@ def test_evaluate_any_folder_skips_corrupt_files(trained, tmp_path):
 def test_second_run_reuses_the_bottleneck_cache(trained):
     config, _ = trained
     again = train(config, trunk=tiny_trunk())
-    assert again["bottleneck_cache"]["train"] == {"hits": 96 * 4, "computed": 0}
+    assert again["bottleneck_cache"]["train"] == {"hits": 96 * 5, "computed": 0}
 
 
 def test_cache_invalidated_by_changed_image_and_size(tmp_path):
