@@ -48,16 +48,55 @@ class DihedralView(keras.layers.Layer):
         self.view = view
 
     def call(self, x):
-        if self.view == "hflip":
-            return ops.flip(x, axis=2)
-        if self.view == "vflip":
-            return ops.flip(x, axis=1)
-        if self.view == "rot90":
-            return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=1)
-        return x
+        return dihedral(x, self.view)
 
     def get_config(self):
         return {**super().get_config(), "view": self.view}
+
+
+def dihedral(x, view: str):
+    """One view of an image batch, as a Keras op (view_array's twin)."""
+    if view == "hflip":
+        return ops.flip(x, axis=2)
+    if view == "vflip":
+        return ops.flip(x, axis=1)
+    if view == "rot90":
+        return ops.flip(ops.transpose(x, (0, 2, 1, 3)), axis=1)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class StackedViews(keras.layers.Layer):
+    """The views of an image batch (N, H, W, C) stacked into one batch (V*N, H, W, C), view after
+    view: the trunk then runs once on a batch of V*N instead of V times on N, which is the same
+    arithmetic but faster on a CPU (its kernels use the cores better on a larger batch)."""
+
+    def __init__(self, views, **kwargs):
+        super().__init__(**kwargs)
+        for view in views:
+            view_array(np.zeros((1, 1, 1, 1)), view)  # validates the names
+        self.views = list(views)
+
+    def call(self, x):
+        return ops.concatenate([dihedral(x, view) for view in self.views], axis=0)
+
+    def get_config(self):
+        return {**super().get_config(), "views": self.views}
+
+
+@keras.saving.register_keras_serializable(package="idc")
+class MeanOverViews(keras.layers.Layer):
+    """The mean of StackedViews' answers (V*N, K) over its V views: (N, K)."""
+
+    def __init__(self, count: int, **kwargs):
+        super().__init__(**kwargs)
+        self.count = int(count)
+
+    def call(self, x):
+        return ops.mean(ops.reshape(x, (self.count, -1, x.shape[-1])), axis=0)
+
+    def get_config(self):
+        return {**super().get_config(), "count": self.count}
 
 
 @keras.saving.register_keras_serializable(package="idc")

@@ -22,7 +22,8 @@ quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-
 import keras  # noqa: E402
 
 from idc.core.errors import WeightsError
-from idc.keras_model import DihedralView, GlobalBatchDropout, GlobalBatchNormalization, MeanStdPooling, ReinhardNormalization
+from idc.keras_model import (GlobalBatchDropout, GlobalBatchNormalization, MeanOverViews, MeanStdPooling,
+                             ReinhardNormalization, StackedViews)
 from idc.core.preprocessing import load_batch
 
 log = logging.getLogger(__name__)
@@ -196,18 +197,17 @@ def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=Non
 
     With `patch_cnn`, the answer is the mean of the head's and the patch CNN's. With `tta_views`, it is
     the mean over those views of the image (test-time augmentation): steadier on patches whose evidence
-    sits at an edge, at a cost in speed. With `normalizer` (fit_stain_normalizer), the image is
-    stain-normalised first, once: its statistics do not change with the view."""
+    sits at an edge, at a cost in speed; the views go through the networks as one stacked batch
+    (StackedViews), which on a CPU is faster than one branch per view. With `normalizer`
+    (fit_stain_normalizer), the image is stain-normalised first, once: its statistics do not change
+    with the view."""
     inputs = keras.Input(trunk.input_shape[1:], name="image")
     image = inputs if normalizer is None else normalizer(inputs)
-
-    def answer(image, suffix: str):
-        transfer = head(trunk(image))
-        if patch_cnn is None:
-            return transfer
-        return keras.layers.Average(name=f"ensemble{suffix}")([transfer, patch_cnn(image)])
-
-    if len(tta_views) <= 1:
-        return keras.Model(inputs, answer(image, ""), name="DevCloudIDC")
-    answers = [answer(DihedralView(view, name=f"view_{view}")(image), f"_{view}") for view in tta_views]
-    return keras.Model(inputs, keras.layers.Average(name="tta_mean")(answers), name="DevCloudIDC")
+    if len(tta_views) > 1:
+        image = StackedViews(tta_views, name="tta_views")(image)
+    answer = head(trunk(image))
+    if patch_cnn is not None:
+        answer = keras.layers.Average(name="ensemble")([answer, patch_cnn(image)])
+    if len(tta_views) > 1:
+        answer = MeanOverViews(len(tta_views), name="tta_mean")(answer)
+    return keras.Model(inputs, answer, name="DevCloudIDC")

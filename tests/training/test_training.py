@@ -144,12 +144,18 @@ def test_train_without_sorting_says_what_to_do(tmp_path):
 
 
 def test_views_match_between_numpy_and_the_model():
-    from idc.keras_model import VIEWS, DihedralView, view_array
+    from idc.keras_model import VIEWS, DihedralView, MeanOverViews, StackedViews, view_array
 
     batch = np.random.default_rng(0).random((2, 5, 5, 3)).astype(np.float32)
     for view in VIEWS:
         np.testing.assert_array_equal(np.asarray(DihedralView(view)(batch)), view_array(batch, view))
     assert len({view_array(batch, v).tobytes() for v in VIEWS}) == 4
+    # the views as one batch, view after view, and back to one answer per image
+    stacked = np.asarray(StackedViews(VIEWS)(batch))
+    np.testing.assert_array_equal(stacked, np.concatenate([view_array(batch, v) for v in VIEWS]))
+    answers = stacked.reshape(len(stacked), -1)[:, :3]
+    np.testing.assert_allclose(np.asarray(MeanOverViews(len(VIEWS))(answers)),
+                               np.mean([view_array(batch, v).reshape(2, -1)[:, :3] for v in VIEWS], 0), rtol=1e-6)
 
 
 def test_tta_model_averages_the_views(trained):
@@ -162,7 +168,7 @@ def test_tta_model_averages_the_views(trained):
     single = model.get_layer("head")
     trunk = model.get_layer("tiny_trunk")
     batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
-    expected = np.mean([np.asarray(single(trunk(view_array(batch, v)))) for v in config.classifier.train_views], 0)
+    expected = np.mean([np.asarray(single(trunk(view_array(batch, v)))) for v in config.classifier.tta_views], 0)
     np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
 
 
