@@ -232,7 +232,7 @@ class SlidesSettings:
     output_dir: str | None = None  # null: slides/ in the model directory
     default_mpp: float | None = None  # level-0 um per pixel of slides whose file does not say
     min_tissue: float = 0.1  # share of a tile that must be tissue for it to be classified
-    batch_size: int = 64  # tiles per inference call
+    batch_size: int = 16  # tiles per inference call (with 4-view TTA the trunk sees 4 times as many)
     poll_seconds: float = 10.0  # how often the server looks in watch_dir
     max_upload_bytes: int = 4_000_000_000
     review_flagged: bool = True  # the server queues each slide's needs-review tiles for the review station

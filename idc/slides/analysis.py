@@ -69,7 +69,7 @@ def tissue_tiles(reader: SlideReader, min_tissue: float) -> tuple[list[Tile], np
     return [reader.tile(int(c), int(r)) for r, c in zip(rows, columns)], shares[rows, columns], mask
 
 
-def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batch_size: int = 64,
+def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batch_size: int = 16,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SlideResult:
     """Classify every tissue tile of `reader`'s slide with `classifier` (an idc.edge.engine.Classifier).

@@ -16,7 +16,7 @@ import pytest
 from idc.core.config import load_config
 from idc.core.errors import ClusterError
 from idc.keras_model import load_keras_model
-from idc.training import bottleneck, data, distributed
+from idc.training import augment, bottleneck, data, distributed
 from idc.training.train import train
 from tests.paths import ROOT
 from tests.synthetic import make_dataset, tiny_trunk, write_config
@@ -141,8 +141,9 @@ def test_two_workers_train_the_model_one_worker_trains(raw, tmp_path):
         digests = [d for shard in folder.glob("shard-*.npy") for d in bottleneck.read_shard(shard)[0]]
         assert len(digests) == len(set(digests))
         per_view[json.loads((folder / "trunk.json").read_text())["view"]] = len(digests)
+    jpeg = augment.describe_view("jpeg1", None, chief.classifier.random_seed)  # a drawn view's cache key
     assert per_view == {"identity": train_images + validation_images, "hflip": train_images,
-                        "vflip": train_images, "rot90": train_images}
+                        "vflip": train_images, "rot90": train_images, jpeg: train_images}
     computed = [r["bottleneck_cache"]["train"]["computed"] + r["bottleneck_cache"]["validation"]["computed"]
                 for r in records]
     assert sum(computed) == sum(per_view.values()) and min(computed) > 0
