@@ -9,7 +9,6 @@ patients' own per-patient means (about 1 for a typical training patient; 3 is th
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 
 import numpy as np
@@ -17,8 +16,6 @@ import numpy as np
 from idc.core.errors import ImageError
 from idc.core.preprocessing import decode_image
 from idc.slides.tissue import MIN_SATURATION
-
-log = logging.getLogger(__name__)
 
 FIELDS = ("haematoxylin", "eosin", "brightness")
 REFERENCE_PATCHES = 20  # per training patient: their staining, at a few seconds' cost

@@ -324,7 +324,10 @@ def test_an_unexpected_fault_fails_that_slide_only(serve, flagging_classifier, t
     assert first["status"] == "failed"
     assert first["message"].startswith("the analysis failed (RuntimeError: inference device lost)"), first
     assert wait_for_slide(url, "second")["status"] == "done"
-    assert requests.get(f"{url}/api/health", timeout=10).status_code == 200
+    health = requests.get(f"{url}/api/health", timeout=10)
+    assert health.status_code == 200
+    slides = health.json()["slides"]
+    assert slides["enabled"] and slides["slides"] == {"failed": 1, "done": 1} and slides["in_progress"] is None
 
 
 class Slow:

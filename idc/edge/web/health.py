@@ -29,6 +29,7 @@ def health():
         "max_image_side": state.max_side,
         "identity": state.identity,
         "review": state.review_status(),
+        "slides": state.slides_status(),
     }
     return body, 200 if model["loaded"] else 503
 

@@ -170,6 +170,16 @@ class SlideWorker:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def status(self) -> dict:
+        """For /api/health: the worker, the watch folder, the slides by status and the one in progress."""
+        with self._cond:
+            jobs = list(self._jobs.values())
+        current = next((job for job in jobs if job.status == "running"), None)
+        return {"worker_running": self.running, "watch_dir": str(self.watch_dir) if self.watch_dir else None,
+                "slides": dict(collections.Counter(job.status for job in jobs)),
+                "in_progress": None if current is None else {"id": current.id, "done": current.done,
+                                                              "total": current.total}}
+
     # --- what is on disk ---
 
     def _load(self) -> None:

@@ -86,6 +86,10 @@ class ServerState:
         except ReviewStoreError as err:
             return {"enabled": True, "database": str(self.review.path), "error": str(err)}
 
+    def slides_status(self) -> dict:
+        """For /api/health: the slide worker's state (idc.edge.web.slides.SlideWorker.status)."""
+        return {"enabled": False} if self.slides is None else {"enabled": True, **self.slides.status()}
+
     def mqtt_status(self) -> dict:
         try:
             return dict(self.publisher.status())
