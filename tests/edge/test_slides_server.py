@@ -6,6 +6,7 @@ Small real slides are made here (tests/slides.py); the browser side is test_slid
 import csv
 import io
 import json
+import logging
 import shutil
 import sqlite3
 import threading
@@ -100,7 +101,7 @@ def assert_json_failure(response, status, says):
     return body["ResponseMessage"]
 
 
-def test_an_uploaded_slide_is_analysed_and_its_tiles_to_review_are_queued(serve, tmp_path):
+def test_an_uploaded_slide_is_analysed_and_its_tiles_to_review_are_queued(serve, tmp_path, caplog):
     url, app = serve()
     path = make_slide(tmp_path / "tumour.tiff")
     sent = upload(url, path.read_bytes())
@@ -147,11 +148,15 @@ def test_an_uploaded_slide_is_analysed_and_its_tiles_to_review_are_queued(serve,
     assert (root.get("TileSize"), root.get("Overlap"), root.get("Format")) == ("254", "1", "jpeg")
     assert (int(size.get("Width")), int(size.get("Height"))) == (COLUMNS * PATCH, ROWS * PATCH)
     top = 10  # ceil(log2(550)): the full-resolution level
+    caplog.set_level(logging.INFO, logger="idc.edge.web.app")
     tile = requests.get(f"{url}/slides/tumour_files/{top}/0_0.jpeg", timeout=10)
     assert tile.headers["Content-Type"] == "image/jpeg"
     assert Image.open(io.BytesIO(tile.content)).size == (255, 250)  # 254 and the overlap on one side
     assert_json_failure(requests.get(f"{url}/slides/tumour_files/{top + 1}/0_0.jpeg", timeout=10), 404, "no tile")
     assert_json_failure(requests.get(f"{url}/slides/tumour_files/{top}/9_9.jpeg", timeout=10), 404, "no tile")
+    lines = [r.getMessage() for r in caplog.records if r.name == "idc.edge.web.app"]
+    assert not any(f"tumour_files/{top}/0_0.jpeg 200" in line for line in lines)  # a served tile: below INFO
+    assert any(f"tumour_files/{top}/9_9.jpeg 404" in line for line in lines)  # a failed one: logged
     assert_json_failure(requests.get(f"{url}/api/slides/nothing", timeout=10), 404, "no slide 'nothing'")
     assert requests.get(f"{url}/slides/tumour", timeout=10).status_code == 200
     assert requests.get(f"{url}/slides", timeout=10).status_code == 200

@@ -98,8 +98,10 @@ def create_app(config: Config, classifier: Classifier | None = None, publisher=N
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
         state.metrics.observe_request(endpoint, request.method, response.status_code, seconds)
         outcome = g.get("outcome") or (f"error={response.status!r}" if response.status_code >= 400 else "-")
-        log.info("%s %s %s %d bytes=%d %s latency_ms=%.1f", request.remote_addr, request.method, request.path,
-                 response.status_code, request.content_length or 0, outcome, seconds * 1000)
+        # A view may ask for a quieter line (a viewer's Deep Zoom tiles: dozens a pan); failures stay at INFO.
+        level = g.get("log_level", logging.INFO) if response.status_code < 400 else logging.INFO
+        log.log(level, "%s %s %s %d bytes=%d %s latency_ms=%.1f", request.remote_addr, request.method, request.path,
+                response.status_code, request.content_length or 0, outcome, seconds * 1000)
         return response
 
     def refuse(status: int, message: str, headers=None):

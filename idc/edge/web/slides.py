@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, request, send_file
+from flask import Blueprint, Response, abort, g, request, send_file
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
@@ -533,6 +533,7 @@ def dzi(slide: str):
 def dzi_tile(slide: str, level: int, column: int, row: int):
     import openslide
 
+    g.log_level = logging.DEBUG  # a viewer asks for dozens a pan: one log line each would drown the server log
     check_access()
     generator = _worker().deep_zoom(_job(slide))
     try:
