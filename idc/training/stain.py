@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from PIL import Image
 
 from idc.core.errors import ImageError
 from idc.core.preprocessing import decode_image
-from idc.slides.tissue import MIN_SATURATION
+from idc.slides.tissue import MIN_SATURATION, saturation
 
 FIELDS = ("haematoxylin", "eosin", "brightness")
 REFERENCE_PATCHES = 20  # per training patient: their staining, at a few seconds' cost
@@ -26,13 +27,13 @@ def tissue_sums(image: np.ndarray) -> tuple[np.ndarray, int]:
     from skimage.color import rgb2hed
 
     rgb = np.asarray(image)[..., :3]
-    high, low = rgb.max(axis=2).astype(np.int16), rgb.min(axis=2).astype(np.int16)
-    tissue = (high - low) * 255 >= MIN_SATURATION * np.maximum(high, 1)
+    tissue = saturation(Image.fromarray(rgb)) >= MIN_SATURATION  # the slides' tissue rule
     count = int(tissue.sum())
     if not count:
         return np.zeros(len(FIELDS)), 0
     hed = rgb2hed(rgb)[tissue]
-    return np.array([hed[:, 0].sum(), hed[:, 1].sum(), (high[tissue] / 255.0).sum()]), count
+    brightness = rgb.max(axis=2)[tissue] / 255.0  # HSV's V
+    return np.array([hed[:, 0].sum(), hed[:, 1].sum(), brightness.sum()]), count
 
 
 class PatientStain:
