@@ -48,6 +48,8 @@ VARIANTS = {
     "tta": ("+ test-time averaging over the 4 views", BASE),
     "tta_jpeg": ("tta + a JPEG-compressed copy per patch (frozen features only: cheap enough for folds)",
                  {**BASE, "train_views": [*DIHEDRAL, "jpeg1"]}),
+    "tta_slide": ("tta, each patient's patches stain-normalised with the statistics of all their tissue (per slide)",
+                  {**BASE, "stain_normalization": "slide"}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
               {**BASE, **MILD_STAIN, "train_views": [*DIHEDRAL, "stain1", "stain2"]}),
     "mixed2": ("tta, with mixed2's features added to mixed0's and mixed1's",

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from idc.core.errors import ModelNotFoundError  # noqa: E402
+from idc.slides import stain as slide_stain  # noqa: E402
 
 # Histology has no orientation: these views of a patch are equally valid. Training uses them as
 # augmentation (cached bottlenecks of each view); inference may average over them (TTA).
@@ -177,9 +178,7 @@ class GlobalBatchDropout(keras.layers.Layer):
 
 # Reinhard et al. (2001), "Color transfer between images": RGB -> LMS cone space -> log10 -> lαβ, where
 # the three channels are nearly decorrelated, so each can be standardised on its own.
-_RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
-_LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
-_LAB_TO_LOG_LMS, _LMS_TO_RGB = np.linalg.inv(_LOG_LMS_TO_LAB), np.linalg.inv(_RGB_TO_LMS)
+# (idc.slides.stain holds the matrices, and does the same per slide in NumPy.)
 _LN10 = float(np.log(10.0))
 
 
@@ -201,13 +200,13 @@ class ReinhardNormalization(keras.layers.Layer):
     @staticmethod
     def to_lab(x):
         rgb = ops.clip((ops.convert_to_tensor(x, "float32") + 1.0) / 2.0, 1.0 / 255.0, 1.0)
-        log_lms = ops.log(ops.matmul(rgb, ops.convert_to_tensor(_RGB_TO_LMS.T, "float32"))) / _LN10
-        return ops.matmul(log_lms, ops.convert_to_tensor(_LOG_LMS_TO_LAB.T, "float32"))
+        log_lms = ops.log(ops.matmul(rgb, ops.convert_to_tensor(slide_stain.RGB_TO_LMS.T, "float32"))) / _LN10
+        return ops.matmul(log_lms, ops.convert_to_tensor(slide_stain.LOG_LMS_TO_LAB.T, "float32"))
 
     @staticmethod
     def from_lab(lab):
-        log_lms = ops.matmul(lab, ops.convert_to_tensor(_LAB_TO_LOG_LMS.T, "float32"))
-        rgb = ops.matmul(ops.exp(log_lms * _LN10), ops.convert_to_tensor(_LMS_TO_RGB.T, "float32"))
+        log_lms = ops.matmul(lab, ops.convert_to_tensor(slide_stain.LAB_TO_LOG_LMS.T, "float32"))
+        rgb = ops.matmul(ops.exp(log_lms * _LN10), ops.convert_to_tensor(slide_stain.LMS_TO_RGB.T, "float32"))
         return ops.clip(rgb, 0.0, 1.0) * 2.0 - 1.0
 
     @classmethod

@@ -183,7 +183,9 @@ class Bundle:
     threshold_source: str = "confs.json"  # how training chose the threshold
     slide_context: dict | None = None  # {radius, weight, threshold}: see idc.core.context; None: patch-alone
     patch_cnn: bool = False  # the answer is the mean of the transfer head's and a patch CNN's (model.build_patch_cnn)
-    # {method, target_mean, target_std}: the model's first layer normalises the stain (keras_model.ReinhardNormalization)
+    # {method, target_mean, target_std}: "reinhard": the model's first layer normalises each image's stain
+    # (keras_model.ReinhardNormalization); "slide": a slide's patches, classified together, are normalised
+    # with the slide's statistics before the model (idc.slides.stain); None: neither
     stain_normalization: dict | None = None
     precision: str | None = None  # set in an IR's copy: FP32, FP16 or INT8; None for the Keras model
     compiled_with: str | None = None  # the OpenVINO version that compiled an IR

@@ -112,7 +112,8 @@ class ClassifierSettings:
         _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
                  and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
                  'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
-        _require(self.stain_normalization in ("none", "reinhard"), "stain_normalization", 'must be "none" or "reinhard"')
+        _require(self.stain_normalization in ("none", "reinhard", "slide"), "stain_normalization",
+                 'must be "none", "reinhard" or "slide"')
         bad = set(self.patients_file_splits.values()) - {"train", "validation", "test"}
         _require(not bad, "patients_file_splits", f"maps to unknown splits {sorted(bad)}")
 

@@ -20,6 +20,7 @@ from idc.core import metrics
 from idc.core.context import GRID, with_context
 from idc.core.errors import SlideError
 from idc.slides.reader import SlideReader, Tile
+from idc.slides.stain import SAMPLE_TILES, Stain, StainStatistics, normalise
 from idc.slides.tissue import TissueMask, tile_shares, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,20 @@ def tissue_tiles(reader: SlideReader, min_tissue: float) -> tuple[list[Tile], np
     return [reader.tile(int(c), int(r)) for r, c in zip(rows, columns)], shares[rows, columns], mask
 
 
+def slide_stain_of(reader: SlideReader, tiles: list[Tile], sample: int = SAMPLE_TILES) -> Stain | None:
+    """The slide's stain (idc.slides.stain), from up to `sample` of its tissue tiles spread evenly over it."""
+    statistics = StainStatistics()
+    for image in reader.read(tiles[::max(1, len(tiles) // sample)][:sample]):
+        statistics.add(image)
+    return statistics.stain()
+
+
 def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batch_size: int = 16,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SlideResult:
     """Classify every tissue tile of `reader`'s slide with `classifier` (an idc.edge.engine.Classifier).
-    `progress(done, total)` is called after each batch. SlideError when the slide holds no tissue."""
+    `progress(done, total)` is called after each batch. SlideError when the slide holds no tissue.
+    With a bundle whose stain normalisation is per slide, every tile is normalised with the slide's stain."""
     started = time.perf_counter()
     tiles, shares, mask = tissue_tiles(reader, min_tissue)
     found = time.perf_counter()
@@ -81,6 +91,8 @@ def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batc
         raise SlideError(f"{reader.path.name}: no tissue found (saturation threshold {mask.threshold} of 255, "
                          f"{100 * mask.area_share():.2f} % of the slide): nothing to classify. Is it blank, "
                          f"or mostly out of focus? (Slides.min_tissue is {min_tissue})")
+    target = Stain.from_bundle(classifier.bundle.stain_normalization)
+    source = slide_stain_of(reader, tiles) if target is not None else None
     batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
     p = np.empty(len(tiles), dtype=np.float32)
     done = 0
@@ -93,6 +105,8 @@ def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batc
                 pending = pool.submit(reader.read, batches[index + 1])
             if should_stop is not None and should_stop():
                 raise Stopped(f"{reader.path.name}: stopped after {done} of {len(tiles)} tiles")
+            if target is not None:
+                images = [normalise(image, source, target) for image in images]
             p[done:done + len(images)] = classifier.probabilities(images)
             done += len(images)
             if progress is not None:

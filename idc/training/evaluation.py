@@ -22,18 +22,22 @@ from idc.core.context import with_context
 from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
 from idc.core.preprocessing import decode_image
 from idc.edge.engine import load_classifier
+from idc.slides import stain as slide_stain
 from idc.training import data, html_report, reports, stain
 
 log = logging.getLogger(__name__)
 
 
 def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: int = 10, echo=print,
-                    staining: stain.PatientStain | None = None):
+                    staining: stain.PatientStain | None = None, slide_stains: dict | None = None):
     """P(IDC) for each readable patch, printing the article's streaming accuracy lines; each decoded
-    patch also goes into `staining` (its patient's stain statistics) when given.
+    patch also goes into `staining` (its patient's stain statistics) when given. With `slide_stains`
+    (each patient's slide_stain.Stain) and a bundle whose stain normalisation is per slide, each patch
+    is normalised with its patient's stain before the engine sees it.
 
     Returns (kept patches, probabilities, skipped [(file, why)])."""
     kept, probabilities, skipped = [], [], []
+    target = slide_stain.Stain.from_bundle(engine.bundle.stain_normalization) if slide_stains is not None else None
     correct = seen = 0
     steps = (len(patches) + batch_size - 1) // batch_size
     for step in range(steps):
@@ -49,6 +53,8 @@ def predict_patches(engine, patches: list[Patch], batch_size: int, print_every: 
                 skipped.append((str(patch.path), str(err)))
         if not batch:
             continue
+        if target is not None:
+            images = [slide_stain.normalise(image, slide_stains.get(x.patient), target) for image, x in zip(images, batch)]
         p = engine.probabilities(images)
         labels = np.array([x.label for x in batch])
         correct += int(((p >= 0.5) == labels).sum())
@@ -85,8 +91,14 @@ def evaluate(config: Config, split: str = "test", data_dir: str | Path | None = 
                                  f"`./compile_ncs.sh --precision {precision}` first")
     echo(f"Evaluating {engine.backend} ({engine.image_size} px, threshold {engine.threshold}, review band "
          f"{engine.review_band}: {engine.rule_source}) on {len(patches)} patches ({name})")
+    slide_stains = None
+    if slide_stain.Stain.from_bundle(engine.bundle.stain_normalization):  # each patient's patches are a slide's
+        slide_stains = slide_stain.patient_stains(patches)
+        echo(f"Stain normalised per patient (the statistics of all their patches' tissue): {len(slide_stains)} patients, "
+             f"{sum(s is None for s in slide_stains.values())} with too little tissue, left as they are")
     staining = stain.PatientStain()
-    kept, p, skipped = predict_patches(engine, patches, config.classifier.batch_size, echo=echo, staining=staining)
+    kept, p, skipped = predict_patches(engine, patches, config.classifier.batch_size, echo=echo, staining=staining,
+                                       slide_stains=slide_stains)
     labels = np.array([x.label for x in kept])
     threshold = engine.threshold
     predicted, review = metrics.decide(p, threshold, engine.review_band)

@@ -175,9 +175,10 @@ def build_patch_cnn(image_size: int, l2: float = 1e-4, seed: int = 0):
 
 
 def fit_stain_normalizer(method: str, paths: list, image_size: int, batch: int = 512) -> ReinhardNormalization | None:
-    """The stain normaliser `method` ("none" or "reinhard") fitted on the training images at `paths`
-    (read in batches, at the model's input size); None for "none", which reads nothing."""
-    if method == "none":
+    """The model's stain normalisation layer for `method` "reinhard", fitted on the training images at
+    `paths` (read in batches, at the model's input size); None for "none" and "slide" (done outside
+    the model, per slide: idc.slides.stain), which read nothing."""
+    if method != "reinhard":
         return None
     batches = (load_batch(paths[i:i + batch], image_size) for i in range(0, len(paths), batch))
     return ReinhardNormalization.fit(batches, name="stain_normalization")

@@ -35,6 +35,7 @@ from idc.core.errors import DatasetError
 from idc.training.model import (build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights,
                                 fit_stain_normalizer, with_normalizer)
 from idc.core.preprocessing import decode_image, load_batch, preprocess
+from idc.slides import stain as slide_stain
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,15 @@ def train(config: Config, trunk=None) -> dict:
     if normalizer is not None:
         log.info("stain normalisation: %s (fitted on %d training patches)", normalizer.describe(),
                  len(splits["train"]))
+    # Per-slide normalisation (idc.slides.stain) leaves the model as it is: its target is the training
+    # patients' typical stain, and the validation patients choose the rule on their normalised patches.
+    stains = target = None
+    if settings.stain_normalization == "slide":
+        stains = slide_stain.patient_stains(splits["train"] + splits["validation"])
+        target = slide_stain.Stain.typical([stain for patient, stain in stains.items()
+                                            if stain and patient in {p.patient for p in splits["train"]}])
+        log.info("per-slide stain normalisation: target lab mean %s, std %s (the typical of %d training patients)",
+                 _rounded(target.mean), _rounded(target.std), len({p.patient for p in splits["train"]}))
     extractor = with_normalizer(trunk, normalizer)
     features_id = weights_id if normalizer is None else f"{weights_id}; {normalizer.describe()}"
     # Training sees every view of each patch (augmentation); validation the patch as it is.
@@ -254,15 +264,13 @@ def train(config: Config, trunk=None) -> dict:
         model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
         if settings.decision_rule_from_validation and splits["validation"]:
             rule, validation_report = choose_decision_rule(classifier, splits["validation"], settings.image_size,
-                                                           settings.batch_size, settings.review_share)
+                                                           settings.batch_size, settings.review_share, stains, target)
         bundle = Bundle.new(
             model_name=settings.model_name, image_size=settings.image_size,
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
             train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
             patch_cnn=patch_cnn is not None,
-            stain_normalization=None if normalizer is None else {
-                "method": settings.stain_normalization, "target_mean": normalizer.target_mean,
-                "target_std": normalizer.target_std},
+            stain_normalization=stain_normalization(settings.stain_normalization, normalizer, target),
             microns_per_pixel=settings.microns_per_pixel, patch_pixels=GRID,
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)
         bundle.save(model.root)
@@ -297,13 +305,33 @@ def train(config: Config, trunk=None) -> dict:
     return record
 
 
+def stain_normalization(method: str, normalizer, target) -> dict | None:
+    """The bundle's stain_normalization: the model's layer's target, or the per-slide target, or None."""
+    if normalizer is not None:
+        return {"method": method, "target_mean": normalizer.target_mean, "target_std": normalizer.target_std}
+    if target is not None:
+        return {"method": method, "target_mean": list(target.mean), "target_std": list(target.std)}
+    return None
+
+
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
 def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int,
-                         review_share: float) -> tuple[dict, dict]:
+                         review_share: float, stains: dict | None = None,
+                         target: slide_stain.Stain | None = None) -> tuple[dict, dict]:
     """Threshold and slide-context rule chosen on the validation patients, with the exported model
-    (test-time augmentation included), as the bundle records them."""
-    p = np.concatenate([
-        np.asarray(classifier.predict_on_batch(load_batch([x.path for x in validation[i:i + batch_size]], image_size)))[:, 1]
-        for i in range(0, len(validation), batch_size)])
+    (test-time augmentation included), as the bundle records them; with a per-slide `target`, on each
+    patient's patches normalised with their `stains`, as evaluate.py classifies them."""
+    def batch(patches):
+        if target is None:
+            return load_batch([x.path for x in patches], image_size)
+        return preprocess([slide_stain.normalise(decode_image(x.path), stains.get(x.patient), target)
+                           for x in patches], image_size)
+
+    p = np.concatenate([np.asarray(classifier.predict_on_batch(batch(validation[i:i + batch_size])))[:, 1]
+                        for i in range(0, len(validation), batch_size)])
     labels = np.array([x.label for x in validation])
     threshold, balanced = calibration.best_threshold(labels, p)
     review = calibration.widest_review_band(labels, p, threshold, review_share)

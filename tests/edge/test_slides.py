@@ -95,6 +95,28 @@ def test_the_bundles_slide_context_rule_runs_on_the_slide_grid(slides, tiny_clas
     assert not np.allclose(result.p_idc, result.p_alone)
 
 
+def test_a_bundle_normalising_per_slide_normalises_every_tile_with_the_slides_stain(slides, tiny_classifier):
+    from idc.slides.stain import StainStatistics, normalise
+
+    recoloured = StainStatistics()  # the target: the same tissue as another lab stains it
+    for image, _, _ in patches():
+        recoloured.add(np.clip(image * np.array([0.85, 0.95, 1.05]) + np.array([10, -12, 4]), 0, 255).astype(np.uint8))
+    target = recoloured.stain()
+    engine = copy.copy(tiny_classifier)
+    engine.bundle = dataclasses.replace(engine.bundle, stain_normalization={
+        "method": "slide", "target_mean": list(target.mean), "target_std": list(target.std)})
+    with SlideReader(slides["coarse"], MODEL_MPP, PATCH) as reader:
+        result = analyse_slide(reader, engine, batch_size=4)
+        images = reader.read(result.tiles)
+    own = StainStatistics()  # 15 tissue tiles, under SAMPLE_TILES: the slide's stain is all of them
+    for image in images:
+        own.add(image)
+    normalised = [normalise(image, own.stain(), target) for image in images]
+    assert np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(normalised, images)]) > 3
+    np.testing.assert_allclose(result.p_alone, tiny_classifier.probabilities(normalised), atol=1e-5)
+    assert not np.allclose(tiny_classifier.probabilities(images), result.p_alone, atol=1e-3)
+
+
 def test_outputs_csv_geojson_heatmap_summary(slides, tiny_classifier, make_config, tmp_path):
     config = make_config(Slides={"output_dir": str(tmp_path / "out")})
     report, result, folder = process_slide(config, tiny_classifier, slides["fine"])

@@ -1,9 +1,11 @@
 """Stain augmentation: reproducible, keeps geometry and labels, and trains like any other view."""
 
+import csv
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from idc.core.config import load_config
 from idc.core.errors import ConfigError
@@ -82,7 +84,7 @@ def test_config_checks_views_and_strengths(tmp_path):
         load_config(write_config(tmp_path, train_views=["identity", "stainX"]))
     with pytest.raises(ConfigError, match="stain_jitter"):
         load_config(write_config(tmp_path, stain_jitter={"hed": 0.05}))
-    with pytest.raises(ConfigError, match="'stain_normalization'.*\"none\" or \"reinhard\""):
+    with pytest.raises(ConfigError, match="'stain_normalization'.*\"none\", \"reinhard\" or \"slide\""):
         load_config(write_config(tmp_path, stain_normalization="macenko"))
     config = load_config(write_config(tmp_path, train_views=["identity", "rot90", "stain1", "stain2"]))
     assert config.classifier.tta_views == ("identity", "rot90")
@@ -244,3 +246,49 @@ def test_image_phases_compress_half_the_patches_when_a_jpeg_view_is_trained(patc
     assert 10 <= exact <= 30  # about half kept lossless (the rest compressed)
     plain = augment.augmented(patches[1], np.random.default_rng([1, 2, 0]), None)
     assert any(np.array_equal(plain, v) for v in dihedral)  # no JPEG without the flag
+
+
+def test_per_slide_normalisation_leaves_the_model_and_normalises_each_patients_patches(tmp_path):
+    """"slide": the bundle holds the training patients' typical stain; the model has no normaliser
+    layer (a patch sent alone is classified as it is); evaluate.py normalises each patient's patches
+    with the statistics of all of them, and the validation patients choose the rule the same way."""
+    from idc.core.bundle import Bundle
+    from idc.core.preprocessing import decode_image
+    from idc.edge.engine import load_classifier
+    from idc.keras_model import ReinhardNormalization, load_keras_model
+    from idc.slides.stain import Stain, normalise, patient_stains
+    from idc.training import data
+
+    make_dataset(tmp_path / "raw", patients=5, per_class=6)
+    config = load_config(write_config(tmp_path, stain_normalization="slide", train_views=["identity"],
+                                      decision_rule_from_validation=True))
+    data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    record = train(config, trunk=tiny_trunk())
+    bundle = Bundle.load(config.model.root)
+    training = config.model.read_manifest("train")
+    stains = patient_stains(training)
+    typical = Stain.typical(list(stains.values()))
+    assert bundle.stain_normalization == {"method": "slide", "target_mean": list(typical.mean),
+                                          "target_std": list(typical.std)}
+    assert record["decision_rule"]["threshold_source"].startswith("validation")
+    model = load_keras_model(config.model.keras_model)
+    assert not any(isinstance(layer, ReinhardNormalization) for layer in model.layers)
+
+    test = config.model.read_manifest("test")
+    for x in test:  # the test patients come from another lab: the same tissue, another stain
+        image = decode_image(x.path)
+        x.path.unlink()  # a hard link to the raw dataset's file: the test split gets files of its own
+        Image.fromarray(restained(image, ((0.85, 0.95, 1.05), (10, -12, 4)))).save(x.path)
+    lines = []
+    result = evaluate(config, split="test", echo=lines.append)
+    assert any(line.startswith("Stain normalised per patient") for line in lines)
+    engine, target = load_classifier(config, "keras"), Stain.from_bundle(bundle.stain_normalization)
+    own = patient_stains(test)
+    raw = [decode_image(x.path) for x in test]
+    normalised = [normalise(image, own[x.patient], target) for image, x in zip(raw, test)]
+    assert np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(normalised, raw)]) > 3  # it did change them
+    expected = engine.probabilities(normalised)
+    with (config.model.report_dir("test") / "predictions.csv").open() as f:
+        got = {row["file"]: float(row["p_idc"]) for row in csv.DictReader(f)}
+    np.testing.assert_allclose([got[str(x.path)] for x in test], expected, atol=1e-5)
+    assert result["patches"] == len(test)
