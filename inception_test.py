@@ -22,6 +22,7 @@ from pathlib import Path
 
 from idc.core import cli
 from idc.core.bundle import PRECISIONS
+from idc.core.context import describe_rule
 
 
 def main() -> int:
@@ -152,8 +153,8 @@ def classify_slides(config, args) -> int:
 
 def slide_lines(report: dict, folder) -> str:
     slide, rule, alone = report["slide"], report["rule"], report["patch_alone"]
-    answer = (f"with slide context (radius {rule['context']['radius']}, weight {rule['context']['weight']}) at "
-              f"threshold {rule['threshold']}" if rule["context"] else f"at threshold {rule['threshold']}")
+    answer = (f"with slide context ({describe_rule(rule['context'])}) at threshold {rule['threshold']}"
+              if rule["context"] else f"at threshold {rule['threshold']}")
     return "\n".join([
         f"-- Slide {slide['file']}: {slide['width']} x {slide['height']} px at {slide['mpp']:g} um/px "
         f"({'from the slide' if slide['mpp_source'] == 'slide' else 'given'}), read at level {slide['read_level']} "

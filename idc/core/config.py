@@ -71,6 +71,7 @@ class ClassifierSettings:
     review_band_override: float | None = None
     decision_rule_from_validation: bool = True
     review_share: float = 0.1
+    slide_context_rule: str = "weighted"
     # The scale of the training patches (the IDC dataset: about 4 um per pixel, 200 um a 50 px patch),
     # recorded in the model bundle: whole slides are read at it (idc.slides).
     microns_per_pixel: float = 4.0
@@ -82,6 +83,7 @@ class ClassifierSettings:
         _require(self.threshold_override is None or 0.0 < self.threshold_override < 1.0, "threshold_override",
                  "must be null or between 0 and 1")
         _require(0.0 <= self.review_share < 1.0, "review_share", "must be a fraction in [0, 1)")
+        _require(self.slide_context_rule in ("weighted", "learned"), "slide_context_rule", 'must be "weighted" or "learned"')
         _require(self.review_band_override is None or 0.0 <= self.review_band_override < 0.5,
                  "review_band_override", "must be null or in [0, 0.5)")
         _require(75 <= self.image_size <= 1024, "image_size", "Inception V3 needs 75..1024 px")

@@ -1,10 +1,14 @@
 """Slide context: the patches of one patient tile the slide (x, y in their file names, a 50 px
 grid) and IDC regions are contiguous, so a patch's neighbours are evidence about it.
 
-`with_context` blends each patch's P(IDC) with the mean P(IDC) of its neighbours within `radius`
-grid steps; the radius, weight and threshold are chosen on validation patients at training time
-and kept in the model bundle (`slide_context`), so every path that classifies a patient's patches
-together applies the same rule. Single-patch requests stay patch-alone. NumPy only.
+Two rules, chosen on validation patients at training time and kept in the model bundle
+(`slide_context`), so every path that classifies a patient's patches together (`apply_rule`) applies
+the same one; single-patch requests stay patch-alone. NumPy only.
+
+- "weighted" (`with_context`): each patch's P(IDC) blended with the mean P(IDC) of its neighbours
+  within `radius` grid steps, with a weight and threshold.
+- "learned" (`learned_context`): a logistic regression over the patch's own P(IDC) and its
+  neighbourhood (CONTEXT_FEATURES), fitted on validation patients (idc.training.calibration).
 """
 
 from __future__ import annotations
@@ -16,21 +20,30 @@ import numpy as np
 GRID = 50  # px between neighbouring patches of the dataset
 
 
-def neighbour_mean(patients, xs, ys, p_idc, radius: int) -> np.ndarray:
-    """Mean P(IDC) of each patch's neighbours (same patient, within `radius` grid steps, itself
-    excluded); NaN for a patch without neighbours."""
+CONTEXT_FEATURES = ("own P(IDC)", "mean P(IDC) of the 8 neighbours", "mean P(IDC) within 2 steps",
+                    "max P(IDC) of the 8 neighbours", "share of the 8 neighbours present")  # P as logits
+
+
+def neighbourhood(patients, xs, ys, p_idc, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, max, count) of the P(IDC) of each patch's neighbours (same patient, within `radius` grid
+    steps, itself excluded); mean and max are NaN for a patch without neighbours."""
     p = np.asarray(p_idc, dtype=float)
     cells = defaultdict(dict)  # patient -> (column, row) -> index
     for index, (patient, x, y) in enumerate(zip(patients, xs, ys)):
         cells[patient][(int(x) // GRID, int(y) // GRID)] = index
     offsets = [(dx, dy) for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1) if dx or dy]
-    means = np.full(len(p), np.nan)
+    means, highest, counts = np.full(len(p), np.nan), np.full(len(p), np.nan), np.zeros(len(p))
     for grid in cells.values():
         for (column, row), index in grid.items():
             near = [grid[cell] for cell in ((column + dx, row + dy) for dx, dy in offsets) if cell in grid]
             if near:
-                means[index] = p[near].mean()
-    return means
+                means[index], highest[index], counts[index] = p[near].mean(), p[near].max(), len(near)
+    return means, highest, counts
+
+
+def neighbour_mean(patients, xs, ys, p_idc, radius: int) -> np.ndarray:
+    """Mean P(IDC) of each patch's neighbours within `radius` grid steps; NaN for a patch without any."""
+    return neighbourhood(patients, xs, ys, p_idc, radius)[0]
 
 
 def with_context(patients, xs, ys, p_idc, radius: int, weight: float) -> np.ndarray:
@@ -38,3 +51,44 @@ def with_context(patients, xs, ys, p_idc, radius: int, weight: float) -> np.ndar
     p = np.asarray(p_idc, dtype=float)
     means = neighbour_mean(patients, xs, ys, p, radius)
     return np.where(np.isnan(means), p, (1 - weight) * p + weight * np.nan_to_num(means))
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def context_features(patients, xs, ys, p_idc) -> np.ndarray:
+    """CONTEXT_FEATURES of each patch (N, 5); a missing neighbourhood reads as the patch's own P(IDC)."""
+    p = np.asarray(p_idc, dtype=float)
+    mean1, max1, count1 = neighbourhood(patients, xs, ys, p, 1)
+    mean2 = neighbour_mean(patients, xs, ys, p, 2)
+    own = lambda values: np.where(np.isnan(values), p, values)  # noqa: E731
+    return np.stack([logit(p), logit(own(mean1)), logit(own(mean2)), logit(own(max1)), count1 / 8], axis=1)
+
+
+def learned_context(patients, xs, ys, p_idc, coefficients) -> np.ndarray:
+    """P(IDC) from the learned rule: `coefficients` are its intercept, then one per CONTEXT_FEATURES."""
+    w = np.asarray(coefficients, dtype=float)
+    return 1 / (1 + np.exp(-(w[0] + context_features(patients, xs, ys, p_idc) @ w[1:])))
+
+
+def apply_rule(rule: dict, patients, xs, ys, p_idc) -> np.ndarray:
+    """A bundle's slide_context rule on patches classified together (the weighted mean when it names
+    no kind: bundles from before the learned rule)."""
+    if rule.get("kind", "weighted") == "learned":
+        return learned_context(patients, xs, ys, p_idc, rule["coefficients"])
+    return with_context(patients, xs, ys, p_idc, rule["radius"], rule["weight"])
+
+
+def rule_fields(rule: dict) -> dict:
+    """What a report or an API answer says of the rule it applied."""
+    if rule.get("kind", "weighted") == "learned":
+        return {"kind": "learned", "coefficients": rule["coefficients"], "threshold": rule["threshold"]}
+    return {"kind": "weighted", "radius": rule["radius"], "weight": rule["weight"], "threshold": rule["threshold"]}
+
+
+def describe_rule(rule: dict) -> str:
+    if rule.get("kind", "weighted") == "learned":
+        return "learned from each patch's own and its neighbours' P(IDC)"
+    return f"neighbours within {rule['radius']} patches, weight {rule['weight']}"

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from idc.core import metrics
-from idc.core.context import GRID, with_context
+from idc.core.context import GRID, apply_rule, rule_fields
 from idc.core.errors import SlideError
 from idc.slides.reader import SlideReader, Tile
 from idc.slides.stain import SAMPLE_TILES, Stain, StainStatistics, normalise
@@ -117,10 +117,10 @@ def analyse_slide(reader: SlideReader, classifier, min_tissue: float = 0.1, batc
     rule = bundle.slide_context
     if rule:
         # The grid in the dataset's units (GRID px a step), so the bundle's radius means the same here.
-        p_idc = with_context([reader.path.name] * len(tiles), [t.column * GRID for t in tiles],
-                             [t.row * GRID for t in tiles], p, rule["radius"], rule["weight"]).astype(np.float32)
+        p_idc = apply_rule(rule, [reader.path.name] * len(tiles), [t.column * GRID for t in tiles],
+                           [t.row * GRID for t in tiles], p).astype(np.float32)
         threshold = float(rule["threshold"])
-        context = {key: rule[key] for key in ("radius", "weight", "threshold")}
+        context = rule_fields(rule)
     else:
         p_idc, threshold, context = p, classifier.threshold, None
     return SlideResult(slide=reader.describe(), tiles=tiles, tissue=shares, p_alone=p, p_idc=p_idc,

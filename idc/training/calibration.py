@@ -1,13 +1,13 @@
 """The decision rule chosen on VALIDATION patients (never test): the threshold that maximises
 balanced accuracy, the review band that sends at most a given share of patches to a human, and
-the slide-context rule (radius, weight, threshold) that maximises balanced accuracy; all written
-into the model bundle by training."""
+the slide-context rule (the weighted mean's radius, weight and threshold that maximise balanced
+accuracy, or the learned rule fitted there); all written into the model bundle by training."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from idc.core.context import with_context
+from idc.core.context import CONTEXT_FEATURES, context_features, learned_context, with_context
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.005), 3)  # a coarse grid: less to overfit than every p
 CONTEXT_RADII = (1, 2)
@@ -63,3 +63,27 @@ def best_slide_context(patients, xs, ys, labels, p_idc) -> dict:
                 best = {"radius": radius, "weight": float(weight), "threshold": threshold,
                         "validation_balanced_accuracy": round(balanced, 4)}
     return best
+
+
+def fit_learned_context(patients, xs, ys, labels, p_idc, l2: float = 1.0, steps: int = 50) -> dict:
+    """The learned slide-context rule (idc.core.context.learned_context): a logistic regression of the
+    label on the patch's CONTEXT_FEATURES, the classes weighted equally (balanced accuracy is what it
+    is judged by), an L2 penalty of `l2` on the slopes, fitted by Newton's method; then its threshold."""
+    y = np.asarray(labels, dtype=float)
+    if y.min() == y.max():
+        raise ValueError("fitting the slide-context rule needs patches of both classes")
+    x = np.hstack([np.ones((len(y), 1)), context_features(patients, xs, ys, p_idc)])
+    weights = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))  # each class weighs half
+    penalty = np.diag([0.0] + [l2] * (x.shape[1] - 1))
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        q = 1 / (1 + np.exp(-(x @ w)))
+        gradient = x.T @ (weights * (q - y)) + penalty @ w
+        hessian = (x * (weights * q * (1 - q))[:, None]).T @ x + penalty
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    threshold, balanced = best_threshold(y, learned_context(patients, xs, ys, p_idc, w))
+    return {"kind": "learned", "coefficients": [round(float(v), 6) for v in w], "features": list(CONTEXT_FEATURES),
+            "threshold": threshold, "validation_balanced_accuracy": round(balanced, 4)}

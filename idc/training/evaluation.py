@@ -18,7 +18,7 @@ import numpy as np
 from idc.core import metrics
 from idc.core.bundle import Patch
 from idc.core.config import Config
-from idc.core.context import with_context
+from idc.core.context import apply_rule, describe_rule, rule_fields
 from idc.core.errors import DatasetError, ImageError, ModelNotFoundError
 from idc.core.preprocessing import decode_image
 from idc.edge.engine import load_classifier
@@ -224,11 +224,10 @@ def _tradeoff(model) -> list[dict] | None:
 def slide_context_metrics(patches: list[Patch], labels: np.ndarray, p: np.ndarray, rule: dict, seed: int) -> dict:
     """The metrics when each patch's neighbours on the slide inform its decision (the bundle's rule)."""
     patients = [x.patient for x in patches]
-    p_context = with_context(patients, [x.x for x in patches], [x.y for x in patches], p, rule["radius"],
-                             rule["weight"])
+    p_context = apply_rule(rule, patients, [x.x for x in patches], [x.y for x in patches], p)
     result = metrics.classification_metrics(labels, p_context, rule["threshold"])
     result["intervals_95"] = metrics.patient_bootstrap(patients, labels, p_context, rule["threshold"], seed=seed)
-    return {"radius": rule["radius"], "weight": rule["weight"], **result}
+    return {**rule_fields(rule), **result}
 
 
 def _metric_lines(result: dict) -> list[str]:
@@ -250,8 +249,7 @@ def summary(result: dict) -> str:
     lines.append(f"  average confidence of correct answers {result['mean_confidence_correct']:.4f}")
     context = result.get("slide_context")
     if context:
-        lines.append(f"With slide context (neighbours within {context['radius']} patches, weight {context['weight']}) "
-                     f"at threshold {context['threshold']}:")
+        lines.append(f"With slide context ({describe_rule(context)}) at threshold {context['threshold']}:")
         lines += _metric_lines(context)
     lines.append("  (95% CI: bootstrap over patients, 1000 rounds)")
     lines += stain.summary_lines(result.get("staining"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from idc.core.context import GRID
+from idc.core.context import GRID, describe_rule
 from idc.core.preprocessing import decode_image
 
 CELL = 12  # px per patch in the heatmaps: a whole slide stays a few hundred px wide
@@ -161,8 +161,7 @@ def _metrics_table(result: dict) -> str:
     names = ["balanced_accuracy", "f1_idc", "sensitivity", "specificity", "roc_auc", "accuracy", "precision"]
     blocks = [("each patch alone", result)]
     if result.get("slide_context"):
-        blocks.append((f"with slide context (radius {result['slide_context']['radius']}, weight "
-                       f"{result['slide_context']['weight']})", result["slide_context"]))
+        blocks.append((f"with slide context ({describe_rule(result['slide_context'])})", result["slide_context"]))
     rows = []
     for name in names:
         row = {"metric": name}

@@ -30,7 +30,7 @@ import numpy as np
 from idc.training import augment, bottleneck, calibration, data, distributed
 from idc.core.bundle import CLASS_NAMES, Bundle
 from idc.core.config import Config
-from idc.core.context import GRID
+from idc.core.context import GRID, describe_rule
 from idc.core.errors import DatasetError
 from idc.training.model import (build_classifier, build_head, build_patch_cnn, build_trunk, describe_weights,
                                 fit_stain_normalizer, with_normalizer)
@@ -264,7 +264,8 @@ def train(config: Config, trunk=None) -> dict:
         model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
         if settings.decision_rule_from_validation and splits["validation"]:
             rule, validation_report = choose_decision_rule(classifier, splits["validation"], settings.image_size,
-                                                           settings.batch_size, settings.review_share, stains, target)
+                                                           settings.batch_size, settings.review_share, stains, target,
+                                                           settings.slide_context_rule)
         bundle = Bundle.new(
             model_name=settings.model_name, image_size=settings.image_size,
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
@@ -319,11 +320,12 @@ def _rounded(values) -> str:
 
 
 def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int,
-                         review_share: float, stains: dict | None = None,
-                         target: slide_stain.Stain | None = None) -> tuple[dict, dict]:
+                         review_share: float, stains: dict | None = None, target: slide_stain.Stain | None = None,
+                         context_rule: str = "weighted") -> tuple[dict, dict]:
     """Threshold and slide-context rule chosen on the validation patients, with the exported model
     (test-time augmentation included), as the bundle records them; with a per-slide `target`, on each
-    patient's patches normalised with their `stains`, as evaluate.py classifies them."""
+    patient's patches normalised with their `stains`, as evaluate.py classifies them. `context_rule`:
+    the weighted mean's best radius and weight, or the learned rule fitted on these patients."""
     def batch(patches):
         if target is None:
             return load_batch([x.path for x in patches], image_size)
@@ -335,16 +337,21 @@ def choose_decision_rule(classifier, validation: list[data.Patch], image_size: i
     labels = np.array([x.label for x in validation])
     threshold, balanced = calibration.best_threshold(labels, p)
     review = calibration.widest_review_band(labels, p, threshold, review_share)
-    context = calibration.best_slide_context([x.patient for x in validation], [x.x for x in validation],
-                                             [x.y for x in validation], labels, p)
+    where = ([x.patient for x in validation], [x.x for x in validation], [x.y for x in validation])
+    if context_rule == "learned":
+        context = calibration.fit_learned_context(*where, labels, p)
+    else:
+        context = calibration.best_slide_context(*where, labels, p)
+    # else patch-alone (the weighted mean's weight 0 is patch-alone, and wins unless context helps)
+    helps = context["weight"] > 0 if context_rule == "weighted" else context["validation_balanced_accuracy"] > round(balanced, 4)
     patients = len({x.patient for x in validation})
     log.info("decision rule chosen on %d validation patients: threshold %.3f (balanced accuracy %.4f); review band "
-             "%.3f (%.1f %% of patches, holding %s of the misses); slide context radius %d, weight %.1f, "
-             "threshold %.3f (%.4f)", patients, threshold, balanced, review["review_band"],
-             100 * review["share_flagged"], review["misses_held"], context["radius"], context["weight"],
-             context["threshold"], context["validation_balanced_accuracy"])
+             "%.3f (%.1f %% of patches, holding %s of the misses); slide context %s, threshold %.3f (%.4f)%s",
+             patients, threshold, balanced, review["review_band"], 100 * review["share_flagged"], review["misses_held"],
+             describe_rule(context), context["threshold"], context["validation_balanced_accuracy"],
+             "" if helps else ": no better than patch-alone, not used")
     rule = {"threshold": threshold, "review_band": review["review_band"],
-            "slide_context": context if context["weight"] > 0 else None,
+            "slide_context": context if helps else None,
             "threshold_source": f"validation: balanced accuracy {balanced:.4f} on {patients} patients"}
     return rule, {**review, "tradeoff": calibration.tradeoff(labels, p, review["review_band"])}
 

@@ -592,7 +592,7 @@ def test_a_patients_zip_gets_the_bundles_slide_context_beside_patch_alone(statio
     with_rule = OpenVINOClassifier(config.model.ir_xml("FP16"), "CPU", bundle)
     data, names = patient_zip(tmp_path, per_class=4)
     body = batch(station(with_rule), data=data, content_type="application/zip").get_json()
-    assert body["SlideContext"] == {"radius": 1, "weight": 0.5, "threshold": 0.5}
+    assert body["SlideContext"] == {"kind": "weighted", "radius": 1, "weight": 0.5, "threshold": 0.5}
     results = body["Results"]
     expected = with_context([r["Patient"] for r in results], [r["X"] for r in results], [r["Y"] for r in results],
                             [r["Confidence"] for r in results], 1, 0.5)

@@ -82,3 +82,31 @@ def test_the_broker_benchmark_says_what_it_does_and_refuses_a_bad_count():
     assert done.returncode == 0 and "SIGKILL" in done.stdout and "--results" in done.stdout, done.stderr
     done = run_script("broker_persistence.py", "--results", 0)
     assert done.returncode == 2 and "--results must be in 1..100000" in done.stderr, done.stderr
+
+
+def test_the_context_benchmark_judges_each_rule_on_folds_it_was_not_chosen_on(tmp_path):
+    import csv
+
+    import numpy as np
+
+    done = run_script("context.py", "--help")
+    assert done.returncode == 0 and "out-of-fold" in done.stdout, done.stderr
+    rng = np.random.default_rng(0)
+    for fold in range(1, 4):  # three folds of four 10x10 slides, IDC in each slide's left half, noisy P(IDC)
+        folder = tmp_path / "tta" / f"fold-{fold}" / "reports" / "validation"
+        folder.mkdir(parents=True)
+        with (folder / "predictions.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["patient", "x", "y", "label", "p_idc"])
+            for patient in range(4):
+                for row in range(10):
+                    for column in range(10):
+                        label = int(column < 5)
+                        p = float(np.clip(0.5 + (label - 0.5) * 0.3 + rng.normal(0, 0.25), 0, 1))
+                        writer.writerow([f"{fold}-{patient}", 50 * column, 50 * row, label, round(p, 6)])
+    done = run_script("context.py", tmp_path / "tta")
+    assert done.returncode == 0, done.stderr
+    means = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()
+             if line.split() and line.split()[0] in ("patch_alone", "weighted", "learned")}
+    assert means["weighted"] > means["patch_alone"] + 0.05 and means["learned"] > means["patch_alone"] + 0.05, done.stdout
+    assert run_script("context.py", tmp_path / "nothing").returncode != 0

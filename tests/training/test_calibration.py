@@ -54,6 +54,40 @@ def test_context_is_chosen_when_contiguous_regions_make_it_pay():
     assert flat["validation_balanced_accuracy"] <= alone + 0.02
 
 
+def slides_with_idc_on_the_left(seed: int = 0, noise: float = 0.25):
+    """Six 12x12-patch slides, IDC in the left half of each, and noisy patch-alone P(IDC)."""
+    rng = np.random.default_rng(seed)
+    cells = [(str(patient), 50 * column + 1, 50 * row + 1, int(column < 6))
+             for patient in range(6) for row in range(12) for column in range(12)]
+    patients, xs, ys, labels = (list(v) for v in zip(*cells))
+    labels = np.array(labels)
+    return patients, xs, ys, labels, np.clip(0.5 + (labels - 0.5) * 0.3 + rng.normal(0, noise, len(labels)), 0, 1)
+
+
+def test_the_learned_context_rule_learns_from_the_neighbourhood_and_holds_on_new_slides():
+    from idc.core.context import CONTEXT_FEATURES, apply_rule, context_features, learned_context, rule_fields
+    from idc.training.calibration import fit_learned_context
+
+    patients, xs, ys, labels, p = slides_with_idc_on_the_left()
+    rule = fit_learned_context(patients, xs, ys, labels, p)
+    assert rule["kind"] == "learned" and len(rule["coefficients"]) == 1 + len(CONTEXT_FEATURES)
+    assert rule["coefficients"][2] > 0  # the neighbours' P(IDC) counts for IDC
+    alone = best_threshold(labels, p)[1]
+    assert rule["validation_balanced_accuracy"] > alone + 0.05, (rule, alone)
+    # on slides it was not fitted on, it still beats patch-alone
+    patients2, xs2, ys2, labels2, p2 = slides_with_idc_on_the_left(seed=1)
+    q = apply_rule(rule, patients2, xs2, ys2, p2)
+    np.testing.assert_allclose(q, learned_context(patients2, xs2, ys2, p2, rule["coefficients"]))
+    balanced = lambda y, yhat: ((yhat[y == 1]).mean() + (1 - yhat[y == 0]).mean()) / 2  # noqa: E731
+    assert balanced(labels2, q >= rule["threshold"]) > balanced(labels2, p2 >= best_threshold(labels2, p2)[0]) + 0.05
+    assert rule_fields(rule) == {"kind": "learned", "coefficients": rule["coefficients"], "threshold": rule["threshold"]}
+    # a patch without neighbours reads its own P(IDC) for theirs, and none of the 8 present
+    lone = context_features(["x"], [0], [0], [0.8])[0]
+    assert lone[1] == lone[2] == lone[3] == lone[0] and lone[4] == 0
+    with pytest.raises(ValueError, match="both classes"):
+        fit_learned_context(patients, xs, ys, np.zeros(len(labels)), p)
+
+
 def test_the_review_band_is_the_widest_within_the_share_and_never_lowers_sensitivity():
     from idc.training.calibration import widest_review_band
 

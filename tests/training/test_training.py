@@ -236,3 +236,19 @@ def test_evaluation_reports_slide_context_beside_patch_alone(trained, tmp_path, 
     assert (context["radius"], context["weight"], context["threshold"]) == (1, 0.5, 0.5)
     assert context["patches"] == result["patches"] and set(context["intervals_95"]) >= {"balanced_accuracy", "f1_idc"}
     assert "With slide context (neighbours within 1 patches, weight 0.5) at threshold 0.5:" in capsys.readouterr().out
+
+    # the learned rule, as a bundle may hold it instead
+    from idc.core.context import learned_context
+
+    learned = {"kind": "learned", "coefficients": [-0.5, 1.0, 1.5, 0.5, 0.2, 0.3], "threshold": 0.45}
+    dataclasses.replace(Bundle.load(copy.model_dir), slide_context=learned).save(copy.model_dir)
+    result = evaluate(copy, split="test", report_dir=tmp_path / "learned")
+    assert result["slide_context"]["kind"] == "learned" and result["slide_context"]["threshold"] == 0.45
+    import csv
+    with (tmp_path / "learned" / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    q = learned_context([r["patient"] for r in rows], [int(r["x"]) for r in rows], [int(r["y"]) for r in rows],
+                        [float(r["p_idc"]) for r in rows], learned["coefficients"])
+    labels = np.array([int(r["label"]) for r in rows])
+    assert result["slide_context"]["sensitivity"] == pytest.approx((q[labels == 1] >= 0.45).mean(), abs=1e-4)
+    assert "With slide context (learned from each patch's own and its neighbours' P(IDC))" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from idc.core.bundle import parse_patch_name
-from idc.core.context import with_context
+from idc.core.context import apply_rule, rule_fields
 from idc.core.errors import ApiError
 from idc.edge.web import pipeline
 from idc.edge.web.auth import check_access
@@ -143,11 +143,11 @@ def apply_slide_context(classifier, results: list[dict]) -> dict | None:
     placed = [r for r in results if r.get("Response") == "OK" and r.get("Patient") is not None]
     if not rule or not placed:
         return None
-    p = with_context([r["Patient"] for r in placed], [r["X"] for r in placed], [r["Y"] for r in placed],
-                     [r["Confidence"] for r in placed], rule["radius"], rule["weight"])
+    p = apply_rule(rule, [r["Patient"] for r in placed], [r["X"] for r in placed], [r["Y"] for r in placed],
+                   [r["Confidence"] for r in placed])
     for result, p_context in zip(placed, p):
         result["ContextConfidence"], result["ContextResults"] = float(p_context), int(p_context >= rule["threshold"])
-    return {key: rule[key] for key in ("radius", "weight", "threshold")}
+    return rule_fields(rule)
 
 
 @bp.post(BATCH)

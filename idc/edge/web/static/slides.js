@@ -130,7 +130,8 @@
     ];
     list.replaceChildren(...rows.flatMap(([term, value]) => [element("dt", "", term), element("dd", "", value)]));
     const rule = s.rule, band = rule.review_band;
-    const context = rule.context ? ` (context radius ${rule.context.radius}, weight ${rule.context.weight})` : "";
+    const context = !rule.context ? "" : rule.context.kind === "learned" ? " (learned slide context)"
+      : ` (context radius ${rule.context.radius}, weight ${rule.context.weight})`;
     document.getElementById("slide-rule").textContent = `Rule: ${rule.answer}; IDC when P(IDC) \u2265 ` +
       `${rule.threshold}, needs review within \u00b1${band} of it${context}`;
     const downloads = document.getElementById("downloads");
