@@ -194,15 +194,6 @@ def train(config: Config, trunk=None) -> dict:
     if normalizer is not None:
         log.info("stain normalisation: %s (fitted on %d training patches)", normalizer.describe(),
                  len(splits["train"]))
-    # Per-slide normalisation (idc.slides.stain) leaves the model as it is: its target is the training
-    # patients' typical stain, and the validation patients choose the rule on their normalised patches.
-    stains = target = None
-    if settings.stain_normalization == "slide":
-        stains = slide_stain.patient_stains(splits["train"] + splits["validation"])
-        target = slide_stain.Stain.typical([stain for patient, stain in stains.items()
-                                            if stain and patient in {p.patient for p in splits["train"]}])
-        log.info("per-slide stain normalisation: target lab mean %s, std %s (the typical of %d training patients)",
-                 _rounded(target.mean), _rounded(target.std), len({p.patient for p in splits["train"]}))
     extractor = with_normalizer(trunk, normalizer)
     features_id = weights_id if normalizer is None else f"{weights_id}; {normalizer.describe()}"
     # Training sees every view of each patch (augmentation); validation the patch as it is.
@@ -259,6 +250,7 @@ def train(config: Config, trunk=None) -> dict:
     rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
                                "slide_context": None, "threshold_source": "confs.json"}, None
     if me.chief:
+        stains, target = slide_stain_target(splits) if settings.stain_normalization == "slide" else (None, None)
         model.root.mkdir(parents=True, exist_ok=True)
         classifier.save(model.keras_model)
         model.classes_file.write_text("".join(f"{k} {v}\n" for k, v in CLASS_NAMES.items()))
@@ -315,8 +307,16 @@ def stain_normalization(method: str, normalizer, target) -> dict | None:
     return None
 
 
-def _rounded(values) -> str:
-    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+def slide_stain_target(splits: dict) -> tuple[dict, slide_stain.Stain]:
+    """Per-slide normalisation (idc.slides.stain) leaves the model as it is: (each training and validation
+    patient's stain, the target: the training patients' typical stain)."""
+    stains = slide_stain.patient_stains(splits["train"] + splits["validation"])
+    training = {p.patient for p in splits["train"]}
+    target = slide_stain.Stain.typical([stain for patient, stain in stains.items() if stain and patient in training])
+    rounded = lambda values: "(" + ", ".join(f"{v:.4f}" for v in values) + ")"  # noqa: E731
+    log.info("per-slide stain normalisation: target lab mean %s, std %s (the typical of %d training patients)",
+             rounded(target.mean), rounded(target.std), len(training))
+    return stains, target
 
 
 def choose_decision_rule(classifier, validation: list[data.Patch], image_size: int, batch_size: int,
