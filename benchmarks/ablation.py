@@ -18,6 +18,10 @@ trains K times with one fold held out, and the table gives each variant's mean a
 folds; the test patients are not evaluated at all.
 
   python benchmarks/ablation.py --folds 5 --variants tta strong_stain
+
+On a cluster each fold can train as a job of its own (examples/cluster/folds_job.sh, a Slurm job
+array): --fold-jobs prepare writes the fold folders, the jobs train and evaluate them, --fold-jobs
+collect makes the table. The folds share one bottleneck cache (its shard writes are locked).
 """
 
 from __future__ import annotations
@@ -90,12 +94,17 @@ def train_and_evaluate(folder: Path, conf: Path, splits: tuple[str, ...]) -> dic
     for split in splits:
         run_child([sys.executable, str(ROOT / "evaluate.py"), "--config", str(conf), "--split", split], log)
         metrics = json.loads((folder / "reports" / split / "metrics.json").read_text())
-        context = metrics.get("slide_context") or {}
-        row[split] = {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
-                      "roc_auc": metrics["roc_auc"], "ci": metrics["intervals_95"]["balanced_accuracy"],
-                      "context_balanced_accuracy": context.get("balanced_accuracy"),
-                      "context_f1_idc": context.get("f1_idc"), "patients": metrics["patients"]}
+        row[split] = figures(metrics)
     return row
+
+
+def figures(metrics: dict) -> dict:
+    """What the tables show of an evaluation's metrics.json."""
+    context = metrics.get("slide_context") or {}
+    return {"balanced_accuracy": metrics["balanced_accuracy"], "f1_idc": metrics["f1_idc"],
+            "roc_auc": metrics["roc_auc"], "ci": metrics["intervals_95"]["balanced_accuracy"],
+            "context_balanced_accuracy": context.get("balanced_accuracy"),
+            "context_f1_idc": context.get("f1_idc"), "patients": metrics["patients"]}
 
 
 def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict) -> dict:
@@ -111,22 +120,46 @@ def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict
 FOLD_FIGURES = ("balanced_accuracy", "roc_auc", "f1_idc", "context_balanced_accuracy")
 
 
-def run_folds(name: str, changes: dict, source: Path, work: Path, config: dict, k: int) -> dict:
-    """The variant trained k times, each fold's patients held out (idc.training.folds) and evaluated;
-    the test patients are not looked at. Mean and spread (sample standard deviation) over the folds."""
-    folds = []
-    for folder in make_folds(source, work / name, k, seed=config["ClassifierSettings"].get("random_seed", 42)):
-        row = train_and_evaluate(folder, configure(folder, source, changes, config), ("validation",))
-        folds.append({"fold": folder.name, "train_seconds": row["train_seconds"], "peak_rss_gib": row["peak_rss_gib"],
-                      **{key: row["validation"][key] for key in ("patients", *FOLD_FIGURES)}})
-        print(json.dumps({"variant": name, **folds[-1]}), flush=True)
+def fold_configs(name: str, changes: dict, source: Path, work: Path, config: dict, k: int) -> list[Path]:
+    """The variant's k fold folders under work/name (idc.training.folds), each with its confs.json."""
+    return [configure(folder, source, changes, config)
+            for folder in make_folds(source, work / name, k, seed=config["ClassifierSettings"].get("random_seed", 42))]
+
+
+def fold_row(folder: Path, row: dict | None = None) -> dict:
+    """One fold's figures: from this run's `row`, or, for a fold a separate job trained and evaluated,
+    from its training.json and reports/validation/metrics.json (peak memory is then unknown)."""
+    if row is None:
+        metrics_file = folder / "reports" / "validation" / "metrics.json"
+        if not metrics_file.exists():
+            raise SystemExit(f"{metrics_file} does not exist: that fold's job has not finished (train, then "
+                             "evaluate.py --split validation)")
+        row = {"train_seconds": round(json.loads((folder / "training.json").read_text())["seconds"]), "peak_rss_gib": None,
+               "validation": figures(json.loads(metrics_file.read_text()))}
+    return {"fold": folder.name, "train_seconds": row["train_seconds"], "peak_rss_gib": row["peak_rss_gib"],
+            **{key: row["validation"][key] for key in ("patients", *FOLD_FIGURES)}}
+
+
+def summarise_folds(name: str, folds: list[dict]) -> dict:
+    """Mean and spread (sample standard deviation) over the folds."""
     summary = {}
     for key in FOLD_FIGURES:
         values = [f[key] for f in folds if f[key] is not None]
         if values:
             summary[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    peaks = [f["peak_rss_gib"] for f in folds if f["peak_rss_gib"] is not None]
     return {"variant": name, "folds": folds, "summary": summary,
-            "train_seconds": sum(f["train_seconds"] for f in folds), "peak_rss_gib": max(f["peak_rss_gib"] for f in folds)}
+            "train_seconds": sum(f["train_seconds"] for f in folds), "peak_rss_gib": max(peaks) if peaks else None}
+
+
+def run_folds(name: str, changes: dict, source: Path, work: Path, config: dict, k: int) -> dict:
+    """The variant trained k times, each fold's patients held out and evaluated; the test patients are
+    not looked at."""
+    folds = []
+    for conf in fold_configs(name, changes, source, work, config, k):
+        folds.append(fold_row(conf.parent, train_and_evaluate(conf.parent, conf, ("validation",))))
+        print(json.dumps({"variant": name, **folds[-1]}), flush=True)
+    return summarise_folds(name, folds)
 
 
 def print_fold_table(rows: list[dict]) -> None:
@@ -137,8 +170,9 @@ def print_fold_table(rows: list[dict]) -> None:
         for key in ("balanced_accuracy", "roc_auc", "context_balanced_accuracy"):
             figure = r["summary"].get(key)
             cells.append(f"{figure['mean']:.4f} ({figure['sd']:.4f})" if figure else "-")
+        peak = "-" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
         print(f"{r['variant']:<16} {len(r['folds']):>5} {cells[0]:>22} {cells[1]:>16} {cells[2]:>19} "
-              f"{r['train_seconds']:>7} {r['peak_rss_gib']:>8.2f}  {VARIANTS[r['variant']][0]}")
+              f"{r['train_seconds']:>7} {peak:>8}  {VARIANTS[r['variant']][0]}")
 
 
 def main() -> None:
@@ -153,7 +187,14 @@ def main() -> None:
                    help="choose on K patient folds of the training and validation patients instead: each "
                         "variant trains K times, each fold's patients held out and evaluated; the test "
                         "patients are not evaluated (default: the sorted split, validation and test)")
+    p.add_argument("--fold-jobs", choices=("prepare", "collect"),
+                   help="with --folds, for a cluster that trains each fold as a job of its own: 'prepare' writes each "
+                        "variant's fold folders and their confs.json under --work-dir and lists them (submit "
+                        "examples/cluster/folds_job.sh); 'collect' summarises them once the jobs have finished "
+                        "(default: train and evaluate every fold here, one after another)")
     args = p.parse_args()
+    if args.fold_jobs and not (args.folds and args.work_dir):
+        p.error("--fold-jobs needs --folds K and --work-dir (the folder the jobs share)")
     config = json.loads(Path(args.config).read_text())
     source = Path(args.model_dir or config["ClassifierSettings"]["model_dir"])
     source = (source if source.is_absolute() else Path(args.config).resolve().parent / source).resolve()
@@ -162,9 +203,18 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="idc-ablation-")).resolve()
     print(f"machine: {os.cpu_count()} cores; split and cache from {source}; model folders under {work}")
     rows = []
+    if args.fold_jobs == "prepare":
+        for name in args.variants:
+            for conf in fold_configs(name, VARIANTS[name][1], source, work, config, args.folds):
+                print(conf)
+        return
     if args.folds:
         for name in args.variants:
-            rows.append(run_folds(name, VARIANTS[name][1], source, work, config, args.folds))
+            if args.fold_jobs == "collect":
+                folders = [work / name / f"fold-{i + 1}" for i in range(args.folds)]
+                rows.append(summarise_folds(name, [fold_row(folder) for folder in folders]))
+            else:
+                rows.append(run_folds(name, VARIANTS[name][1], source, work, config, args.folds))
         print_fold_table(rows)
         return
     for name in args.variants:

@@ -259,7 +259,7 @@ def run_job(script: str, env: dict, bin_dir: Path) -> list[str]:
 
 
 def test_job_scripts_are_valid_bash():
-    for script in ("slurm_job.sh", "pbs_job.sh", "node.sh"):
+    for script in ("slurm_job.sh", "pbs_job.sh", "node.sh", "folds_job.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "examples" / "cluster" / script)], check=True, timeout=30)
 
 

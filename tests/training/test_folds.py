@@ -4,6 +4,7 @@ folder that trains on the shared cache with its patients held out."""
 import csv
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,50 @@ def test_a_fold_holds_out_its_patients_keeps_the_test_split_and_trains(tiny_proj
     views = len(fold_config.classifier.train_views)
     assert record["bottleneck_cache"]["train"]["computed"] == (views - 1) * sum(new_to_training.values()) > 0
     assert (made[0] / "DevCloudIDC.keras").exists()
+
+
+def test_fold_jobs_are_prepared_run_one_a_task_and_collected(tiny_project, tmp_path):
+    """The cluster path: `ablation.py --fold-jobs prepare` writes the folds, examples/cluster/folds_job.sh
+    runs the Nth as one array task, `--fold-jobs collect` summarises what the jobs left."""
+    import subprocess
+    import sys
+
+    from tests.paths import ROOT
+
+    config, _ = tiny_project
+    work = tmp_path / "folds"
+    ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--config", str(config.path),
+                "--model-dir", str(config.model.root), "--folds", "3", "--variants", "tta", "tta_slide",
+                "--work-dir", str(work)]
+    done = subprocess.run([*ablation, "--fold-jobs", "prepare"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [line for line in done.stdout.splitlines() if line.endswith("confs.json")]
+    assert len(listed) == 6 and all(json.loads(open(c).read())["ClassifierSettings"]["model_dir"] in c for c in listed)
+    assert json.loads(open(listed[3]).read())["ClassifierSettings"]["stain_normalization"] == "slide"
+
+    job = ROOT / "examples" / "cluster" / "folds_job.sh"
+    env = {"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(ROOT), "FOLDS": str(work), "IDC_DRY_RUN": "1"}
+    commands = []
+    for task in range(1, 7):
+        out = subprocess.run(["bash", str(job)], env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.splitlines()
+        assert [line.split()[2] for line in out] == ["trainer.py", "evaluate.py"] and out[1].endswith("--split validation")
+        commands.append(out[0].split("--config ")[1])
+    assert sorted(commands) == sorted(listed)  # each fold once
+    beyond = subprocess.run(["bash", str(job)], env={**env, "SLURM_ARRAY_TASK_ID": "7"}, capture_output=True, text=True)
+    assert beyond.returncode == 2 and "--array=1-6" in beyond.stderr
+
+    unfinished = subprocess.run([*ablation, "--fold-jobs", "collect"], capture_output=True, text=True, timeout=120)
+    assert unfinished.returncode != 0 and "has not finished" in unfinished.stderr
+    for i, conf in enumerate(listed):  # what each job leaves: training.json and the validation metrics
+        folder = Path(conf).parent
+        (folder / "training.json").write_text(json.dumps({"seconds": 60 + i}))
+        (folder / "reports" / "validation").mkdir(parents=True)
+        (folder / "reports" / "validation" / "metrics.json").write_text(json.dumps({
+            "balanced_accuracy": 0.8 + 0.01 * i, "f1_idc": 0.7, "roc_auc": 0.9, "patients": 2,
+            "intervals_95": {"balanced_accuracy": [0.7, 0.9]}}))
+    done = subprocess.run([*ablation, "--fold-jobs", "collect"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("tta")}
+    assert table["tta"][1:4] == ["3", "0.8100", "(0.0100)"] and table["tta"][7] == "183"
+    assert table["tta_slide"][2] == "0.8400"
