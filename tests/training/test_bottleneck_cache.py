@@ -199,7 +199,9 @@ def test_two_workers_share_the_work_and_wait_for_each_other(tmp_path, trunk):
     assert waited == ["done"] and second.misses == 40 - mine
     assert sorted(stored(first)) == sorted(digests)  # each image once, in the whole cluster
     alone = BottleneckCache(tmp_path / "alone", "key").features(paths, trunk, 8, SIZE)
-    np.testing.assert_array_equal(first.lookup(digests).read(np.arange(40)), alone)
+    # the same features, up to float rounding: each worker's batches hold other images than the lone
+    # run's, and a convolution's kernel may sum in another order for another batch (seen once: 7e-9)
+    np.testing.assert_allclose(first.lookup(digests).read(np.arange(40)), alone, rtol=1e-6, atol=1e-7)
 
 
 def test_a_cache_of_the_one_file_format_is_converted_not_recomputed(tmp_path, trunk):
