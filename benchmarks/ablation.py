@@ -110,6 +110,7 @@ def figures(metrics: dict) -> dict:
 def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict) -> dict:
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
+    (source / "bottlenecks").mkdir(exist_ok=True)  # a fresh sort has no cache yet: the variants still share one
     for shared in ("train", "validation", "test", "manifest.csv", "bottlenecks"):
         if not (folder / shared).exists() and (source / shared).exists():
             (folder / shared).symlink_to(source / shared)

@@ -181,7 +181,8 @@ class Bundle:
     project_version: str
     format: int = BUNDLE_FORMAT
     threshold_source: str = "confs.json"  # how training chose the threshold
-    slide_context: dict | None = None  # {radius, weight, threshold}: see idc.core.context; None: patch-alone
+    # {radius, weight, threshold}, or {kind: "learned", coefficients, threshold}: see idc.core.context; None: patch-alone
+    slide_context: dict | None = None
     patch_cnn: bool = False  # the answer is the mean of the transfer head's and a patch CNN's (model.build_patch_cnn)
     # {method, target_mean, target_std}: "reinhard": the model's first layer normalises each image's stain
     # (keras_model.ReinhardNormalization); "slide": a slide's patches, classified together, are normalised

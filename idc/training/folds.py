@@ -53,6 +53,7 @@ def write_fold(source: Path, folder: Path, held_out: set[str]) -> Path:
     pool as training, the test split unchanged; the patches and the cache are `source`'s."""
     _, rows = read_pool(source / "manifest.csv")
     folder.mkdir(parents=True, exist_ok=True)
+    (source / "bottlenecks").mkdir(exist_ok=True)  # a fresh sort has no cache yet: the folds still share one
     for name in SHARED:
         if not (folder / name).exists() and (source / name).exists():
             (folder / name).symlink_to((source / name).resolve())

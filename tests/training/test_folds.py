@@ -66,6 +66,19 @@ def test_a_fold_holds_out_its_patients_keeps_the_test_split_and_trains(tiny_proj
     assert (made[0] / "DevCloudIDC.keras").exists()
 
 
+def test_folds_of_a_fresh_sort_share_one_cache(tiny_project, tmp_path):
+    """Sorted, never trained (no bottlenecks folder yet): the folds still share the source's cache."""
+    import shutil
+
+    config, _ = tiny_project
+    source = tmp_path / "fresh"
+    source.mkdir()
+    shutil.copy(config.model.root / "manifest.csv", source / "manifest.csv")
+    made = folds.make_folds(source, tmp_path / "folds", 3)
+    assert (source / "bottlenecks").is_dir()
+    assert all((folder / "bottlenecks").resolve() == (source / "bottlenecks").resolve() for folder in made)
+
+
 def test_fold_jobs_are_prepared_run_one_a_task_and_collected(tiny_project, tmp_path):
     """The cluster path: `ablation.py --fold-jobs prepare` writes the folds, examples/cluster/folds_job.sh
     runs the Nth as one array task, `--fold-jobs collect` summarises what the jobs left."""
