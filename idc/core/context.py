@@ -8,7 +8,7 @@ the same one; single-patch requests stay patch-alone. NumPy only.
 - "weighted" (`with_context`): each patch's P(IDC) blended with the mean P(IDC) of its neighbours
   within `radius` grid steps, with a weight and threshold.
 - "learned" (`learned_context`): a logistic regression over the patch's own P(IDC) and its
-  neighbourhood (CONTEXT_FEATURES), fitted on validation patients (idc.training.calibration).
+  neighbours' (CONTEXT_FEATURES), fitted on validation patients (idc.training.calibration).
 """
 
 from __future__ import annotations
@@ -20,30 +20,26 @@ import numpy as np
 GRID = 50  # px between neighbouring patches of the dataset
 
 
-CONTEXT_FEATURES = ("own P(IDC)", "mean P(IDC) of the 8 neighbours", "mean P(IDC) within 2 steps",
-                    "max P(IDC) of the 8 neighbours", "share of the 8 neighbours present")  # P as logits
+# As logits. (The 8 neighbours' highest P(IDC) and how many of them are present were features too, and
+# made the rule worse on held-out patient folds: benchmarks/context.py.)
+CONTEXT_FEATURES = ("own P(IDC)", "mean P(IDC) of the 8 neighbours", "mean P(IDC) within 2 steps")
 
 
-def neighbourhood(patients, xs, ys, p_idc, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, max, count) of the P(IDC) of each patch's neighbours (same patient, within `radius` grid
-    steps, itself excluded); mean and max are NaN for a patch without neighbours."""
+def neighbour_mean(patients, xs, ys, p_idc, radius: int) -> np.ndarray:
+    """Mean P(IDC) of each patch's neighbours (same patient, within `radius` grid steps, itself
+    excluded); NaN for a patch without neighbours."""
     p = np.asarray(p_idc, dtype=float)
     cells = defaultdict(dict)  # patient -> (column, row) -> index
     for index, (patient, x, y) in enumerate(zip(patients, xs, ys)):
         cells[patient][(int(x) // GRID, int(y) // GRID)] = index
     offsets = [(dx, dy) for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1) if dx or dy]
-    means, highest, counts = np.full(len(p), np.nan), np.full(len(p), np.nan), np.zeros(len(p))
+    means = np.full(len(p), np.nan)
     for grid in cells.values():
         for (column, row), index in grid.items():
             near = [grid[cell] for cell in ((column + dx, row + dy) for dx, dy in offsets) if cell in grid]
             if near:
-                means[index], highest[index], counts[index] = p[near].mean(), p[near].max(), len(near)
-    return means, highest, counts
-
-
-def neighbour_mean(patients, xs, ys, p_idc, radius: int) -> np.ndarray:
-    """Mean P(IDC) of each patch's neighbours within `radius` grid steps; NaN for a patch without any."""
-    return neighbourhood(patients, xs, ys, p_idc, radius)[0]
+                means[index] = p[near].mean()
+    return means
 
 
 def with_context(patients, xs, ys, p_idc, radius: int, weight: float) -> np.ndarray:
@@ -59,12 +55,10 @@ def logit(p) -> np.ndarray:
 
 
 def context_features(patients, xs, ys, p_idc) -> np.ndarray:
-    """CONTEXT_FEATURES of each patch (N, 5); a missing neighbourhood reads as the patch's own P(IDC)."""
+    """CONTEXT_FEATURES of each patch (N, 3); a missing neighbourhood reads as the patch's own P(IDC)."""
     p = np.asarray(p_idc, dtype=float)
-    mean1, max1, count1 = neighbourhood(patients, xs, ys, p, 1)
-    mean2 = neighbour_mean(patients, xs, ys, p, 2)
     own = lambda values: np.where(np.isnan(values), p, values)  # noqa: E731
-    return np.stack([logit(p), logit(own(mean1)), logit(own(mean2)), logit(own(max1)), count1 / 8], axis=1)
+    return np.stack([logit(p)] + [logit(own(neighbour_mean(patients, xs, ys, p, radius))) for radius in (1, 2)], axis=1)
 
 
 def learned_context(patients, xs, ys, p_idc, coefficients) -> np.ndarray:

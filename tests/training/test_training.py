@@ -240,7 +240,7 @@ def test_evaluation_reports_slide_context_beside_patch_alone(trained, tmp_path, 
     # the learned rule, as a bundle may hold it instead
     from idc.core.context import learned_context
 
-    learned = {"kind": "learned", "coefficients": [-0.5, 1.0, 1.5, 0.5, 0.2, 0.3], "threshold": 0.45}
+    learned = {"kind": "learned", "coefficients": [-0.5, 1.0, 1.5, 0.5], "threshold": 0.45}
     dataclasses.replace(Bundle.load(copy.model_dir), slide_context=learned).save(copy.model_dir)
     result = evaluate(copy, split="test", report_dir=tmp_path / "learned")
     assert result["slide_context"]["kind"] == "learned" and result["slide_context"]["threshold"] == 0.45
