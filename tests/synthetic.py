@@ -20,6 +20,15 @@ def patch_image(label: int, rng: np.random.Generator, size=(50, 50)) -> Image.Im
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+# Another lab's stain and scanner: a per-channel gain and offset.
+OTHER_LAB = ((0.85, 0.95, 1.05), (10, -12, 4))
+
+
+def restained(image: np.ndarray, cast=OTHER_LAB) -> np.ndarray:
+    """The same tissue under another stain and scanner (`cast`: per-channel gain, offset)."""
+    return np.clip(np.asarray(image) * np.array(cast[0]) + np.array(cast[1]), 0, 255).astype(np.uint8)
+
+
 def make_dataset(root: Path, patients: int = 10, per_class: int = 8, seed: int = 0,
                  flat: bool = False) -> Path:
     """Write a Kaggle-layout dataset: <pid>/<class>/<pid>_idx5_x<X>_y<Y>_class<C>.png."""

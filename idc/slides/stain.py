@@ -20,11 +20,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from idc.core.errors import ImageError
 from idc.core.preprocessing import decode_image
-from idc.slides.tissue import MIN_SATURATION, saturation
+from idc.slides.tissue import tissue_pixels
 
 RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
 LOG_LMS_TO_LAB = np.diag([3 ** -0.5, 6 ** -0.5, 2 ** -0.5]) @ np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]])
@@ -74,8 +73,7 @@ class StainStatistics:
 
     def add(self, image: np.ndarray) -> None:
         rgb = np.asarray(image)[..., :3]
-        tissue = saturation(Image.fromarray(rgb)) >= MIN_SATURATION  # the slides' tissue rule
-        lab = to_lab(rgb[tissue])
+        lab = to_lab(rgb[tissue_pixels(rgb)])
         self.pixels += len(lab)
         self._sum += lab.sum(axis=0)
         self._squares += (lab ** 2).sum(axis=0)

@@ -37,10 +37,17 @@ class TissueMask:
         return float(self.mask.mean())
 
 
-def saturation(image: Image.Image) -> np.ndarray:
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+def saturation(image: Image.Image | np.ndarray) -> np.ndarray:
+    """HSV's S (0-255) of each pixel of an image or an RGB array."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image[..., :3], dtype=np.int16)
     high, low = rgb.max(axis=2), rgb.min(axis=2)
     return np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
+
+
+def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Which pixels of an RGB array are tissue, not glass or fat, by the saturation rule (a patch's or
+    a tile's, where the slide's own Otsu threshold is not known: its lower bound, MIN_SATURATION)."""
+    return saturation(rgb) >= MIN_SATURATION
 
 
 def otsu(values: np.ndarray) -> int:

@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image
 
 from idc.core.errors import ImageError
 from idc.core.preprocessing import decode_image
-from idc.slides.tissue import MIN_SATURATION, saturation
+from idc.slides.tissue import tissue_pixels
 
 FIELDS = ("haematoxylin", "eosin", "brightness")
 REFERENCE_PATCHES = 20  # per training patient: their staining, at a few seconds' cost
@@ -27,7 +26,7 @@ def tissue_sums(image: np.ndarray) -> tuple[np.ndarray, int]:
     from skimage.color import rgb2hed
 
     rgb = np.asarray(image)[..., :3]
-    tissue = saturation(Image.fromarray(rgb)) >= MIN_SATURATION  # the slides' tissue rule
+    tissue = tissue_pixels(rgb)
     count = int(tissue.sum())
     if not count:
         return np.zeros(len(FIELDS)), 0

@@ -8,17 +8,12 @@ from PIL import Image
 
 from idc.slides.stain import Stain, StainStatistics, from_lab, normalise, patient_stains, to_lab
 from tests.slides import GLASS
-from tests.synthetic import patch_image
+from tests.synthetic import patch_image, restained
 
 
 def slide_patches(seed: int = 0, count: int = 12) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [np.asarray(patch_image(i % 2, rng)) for i in range(count)]
-
-
-def restained(image: np.ndarray) -> np.ndarray:
-    """The same tissue under another stain and scanner: a per-channel gain and offset."""
-    return np.clip(image * np.array([0.85, 0.95, 1.05]) + np.array([10, -12, 4]), 0, 255).astype(np.uint8)
 
 
 def stain_of(images) -> Stain | None:

@@ -20,7 +20,7 @@ from idc.slides.outputs import FILES, TILE_FIELDS
 from idc.slides.reader import SlideReader
 from tests.paths import ROOT
 from tests.slides import GLASS, paste, write_slide
-from tests.synthetic import patch_image
+from tests.synthetic import patch_image, restained
 
 MODEL_MPP, PATCH = 4.0, 50
 # Where the tissue is, in tiles of the 4 um/px grid: an IDC block and a no-IDC block, glass elsewhere.
@@ -100,7 +100,7 @@ def test_a_bundle_normalising_per_slide_normalises_every_tile_with_the_slides_st
 
     recoloured = StainStatistics()  # the target: the same tissue as another lab stains it
     for image, _, _ in patches():
-        recoloured.add(np.clip(image * np.array([0.85, 0.95, 1.05]) + np.array([10, -12, 4]), 0, 255).astype(np.uint8))
+        recoloured.add(restained(image))
     target = recoloured.stain()
     engine = copy.copy(tiny_classifier)
     engine.bundle = dataclasses.replace(engine.bundle, stain_normalization={
