@@ -34,14 +34,13 @@ def read_fold(folder: Path) -> dict:
         raise SystemExit(f"{path} does not exist: run benchmarks/ablation.py --folds first (see --help)")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return {"patients": [r["patient"] for r in rows], "xs": [int(r["x"]) for r in rows],
-            "ys": [int(r["y"]) for r in rows], "labels": np.array([int(r["label"]) for r in rows]),
-            "p": np.array([float(r["p_idc"]) for r in rows])}
+    columns = {"patients": ("patient", str), "xs": ("x", int), "ys": ("y", int), "labels": ("label", int),
+               "p": ("p_idc", float)}
+    return {key: np.array([kind(r[name]) for r in rows]) for key, (name, kind) in columns.items()}
 
 
 def pooled(folds: list[dict]) -> dict:
-    return {key: (np.concatenate([f[key] for f in folds]) if isinstance(folds[0][key], np.ndarray)
-                  else [v for f in folds for v in f[key]]) for key in folds[0]}
+    return {key: np.concatenate([f[key] for f in folds]) for key in folds[0]}
 
 
 def choose(rule: str, data: dict) -> dict:
