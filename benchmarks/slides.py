@@ -33,30 +33,49 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def labelled_patches(labels_csv: Path, patches: Path) -> list[tuple[Path, int, int, int]]:
+    """(patch file, x, y, label) of each row of a slide's labels CSV, the files found under `patches`."""
+    files = {p.name: p for p in patches.rglob("*.png")}
+    return [(files[r["file"]], int(r["x"]), int(r["y"]), int(r["label"])) for r in csv.DictReader(labels_csv.open())]
+
+
+def probabilities(engine, paths: list[Path]) -> np.ndarray:
+    from idc.core.preprocessing import decode_image
+
+    return np.concatenate([engine.probabilities([decode_image(p) for p in paths[i:i + 64]])
+                           for i in range(0, len(paths), 64)])
+
+
+def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], engine) -> tuple[np.ndarray, ...]:
+    """Labels, the tiles' and the patch files' P(IDC) (patch alone) of the labelled patches that are
+    tissue tiles of the slide (the tile whose corner is the patch's)."""
+    by_position = {(t.x, t.y): i for i, t in enumerate(result.tiles)}
+    covered = [(path, by_position[x, y], label) for path, x, y, label in patches if (x, y) in by_position]
+    return (np.array([label for *_, label in covered], dtype=int),
+            result.p_alone[[i for _, i, _ in covered]], probabilities(engine, [path for path, *_ in covered]))
+
+
+def compare(y: np.ndarray, p_tile: np.ndarray, p_patch: np.ndarray, threshold: float) -> dict:
+    from idc.core import metrics
+
+    return {"covered": len(y), "mean_abs_p_difference": float(np.abs(p_tile - p_patch).mean()),
+            "mean_p_difference": float((p_tile - p_patch).mean()),
+            "decisions_differ": int(((p_tile >= threshold) != (p_patch >= threshold)).sum()),
+            "balanced_accuracy_tiles": metrics.classification_metrics(y, p_tile, threshold)["balanced_accuracy"],
+            "balanced_accuracy_patches_same": metrics.classification_metrics(y, p_patch, threshold)["balanced_accuracy"]}
+
+
 def agreement(result, labels_csv: Path, patches: Path, engine, threshold: float) -> dict:
     """The slide's tiles at the labelled positions against the engine on the patient's patch files."""
     from idc.core import metrics
-    from idc.core.preprocessing import decode_image
 
-    by_position = {(t.x, t.y): i for i, t in enumerate(result.tiles)}
-    rows = list(csv.DictReader(labels_csv.open()))
-    files = {p.name: p for p in patches.rglob("*.png")}
-    covered = [(r, by_position[int(r["x"]), int(r["y"])]) for r in rows if (int(r["x"]), int(r["y"])) in by_position]
-    images = [decode_image(files[r["file"]]) for r, _ in covered]
-    p_patch = np.concatenate([engine.probabilities(images[i:i + 64]) for i in range(0, len(images), 64)])
-    p_tile = result.p_alone[[i for _, i in covered]]
-    y = np.array([int(r["label"]) for r, _ in covered])
-    tile = metrics.classification_metrics(y, p_tile, threshold)
-    patch = metrics.classification_metrics(y, p_patch, threshold)
-    every = [decode_image(files[r["file"]]) for r in rows]
-    p_every = np.concatenate([engine.probabilities(every[i:i + 64]) for i in range(0, len(every), 64)])
-    return {"labelled": len(rows), "covered": len(covered),
-            "mean_abs_p_difference": float(np.abs(p_tile - p_patch).mean()),
-            "mean_p_difference": float((p_tile - p_patch).mean()),
-            "decisions_differ": int(((p_tile >= threshold) != (p_patch >= threshold)).sum()),
-            "balanced_accuracy_tiles": tile["balanced_accuracy"], "balanced_accuracy_patches_same": patch["balanced_accuracy"],
-            "balanced_accuracy_all_patches": metrics.classification_metrics(
-                np.array([int(r["label"]) for r in rows]), p_every, threshold)["balanced_accuracy"]}
+    labelled = labelled_patches(labels_csv, patches)
+    found = compare(*tiles_and_patches(result, labelled, engine), threshold)
+    p_every = probabilities(engine, [path for path, *_ in labelled])
+    found["labelled"] = len(labelled)
+    found["balanced_accuracy_all_patches"] = metrics.classification_metrics(
+        np.array([label for *_, label in labelled]), p_every, threshold)["balanced_accuracy"]
+    return found
 
 
 def main() -> int:

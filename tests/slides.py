@@ -1,7 +1,9 @@
 """Small whole-slide images for the tests (a support module): real tiled, pyramidal TIFFs that
 OpenSlide reads (its generic-tiff format, JPEG tiles), made from real or synthetic patches pasted
-on glass, as ../shared/data/slides were made. Needs tifffile (a scikit-image dependency); tiles are
-deflate-compressed (tifffile writes JPEG only with imagecodecs), so a level-0 read is lossless."""
+on glass, as ../shared/data/slides were made. Needs tifffile (a scikit-image dependency). Tiles are
+deflate-compressed, so a level-0 read is lossless, or JPEG-compressed as a scanner's are (with
+`jpeg_quality`: YCbCr with 4:2:0 chroma, as Aperio writes them and ../shared's slides hold; tifffile
+encodes JPEG through imagecodecs)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,18 @@ from PIL import Image
 GLASS = (242, 240, 245)  # the colour of the shared slides' empty glass
 
 
-def write_slide(path: Path, image: np.ndarray, mpp: float | None, levels: int = 3, tile: int = 256) -> Path:
+def write_slide(path: Path, image: np.ndarray, mpp: float | None, levels: int = 3, tile: int = 256,
+                jpeg_quality: int | None = None) -> Path:
     """`image` (RGB uint8) as a tiled pyramidal TIFF: level 0 and `levels - 1` halvings (marked reduced-
     resolution images, as OpenSlide needs to see them as levels); `mpp`
-    (microns per pixel of level 0) in its resolution tags, or none at all when None."""
+    (microns per pixel of level 0) in its resolution tags, or none at all when None; JPEG tiles at
+    `jpeg_quality` (deflate when None)."""
     import tifffile
 
     path = Path(path)
     options = {"tile": (tile, tile), "photometric": "rgb", "compression": "zlib"}
+    if jpeg_quality is not None:  # photometric rgb: tifffile converts to YCbCr and subsamples the chroma
+        options.update(compression="jpeg", compressionargs={"level": jpeg_quality}, subsampling=(2, 2))
     with tifffile.TiffWriter(path) as tif:
         level = image
         for index in range(levels):

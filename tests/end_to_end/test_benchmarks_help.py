@@ -10,7 +10,7 @@ import pytest
 
 from tests.paths import ROOT
 
-SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py", "cluster.py")
+SCRIPTS = ("training.py", "inference.py", "server_load.py", "ablation.py", "cluster.py", "slide_parity.py")
 
 
 def run_script(name, *args):

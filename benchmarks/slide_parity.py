@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Do a slide's tiles give what the patches give? Measured on patients one may choose settings on.
+
+The slides of ../shared/data/slides are test patients': they may check the model, never choose it.
+This rebuilds slides of the patients of one split of the sorted model folder (default: the
+validation patients) the way those were made: each patient's patches pasted at their (x, y) on
+glass, written as a tiled JPEG TIFF at quality 90 with 4:2:0 chroma (what the shared .svs hold, as
+Aperio writes them) at the dataset's 4 um/px, then read through the slide path (tissue detection,
+the grid from (1, 1), the engine in batches) and compared with the engine on the same patch files:
+balanced accuracy of the tiles against that of the same patches at the bundle's threshold (patch
+alone), pooled over the patients and per patient, and how far P(IDC) moves.
+
+  python benchmarks/slide_parity.py                       # validation patients, the served engine
+  python benchmarks/slide_parity.py --precision KERAS     # the Keras model (evaluate.py's)
+  python benchmarks/slide_parity.py --quality 70 --split train --patients 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH = 50  # px a side of the dataset's patches
+MARGIN = 100  # glass right and below the last patch, as in the shared slides (x 3201 -> width 3301)
+ORIGIN = (1, 1)  # the dataset's patches start at x = 1, y = 1
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def patients_of(manifest: Path, split: str, limit: int | None) -> dict[str, list[tuple[Path, int, int, int]]]:
+    """(patch file, x, y, label) of each patient of `split`, patients in name order, the first `limit`."""
+    patients = defaultdict(list)
+    for row in csv.DictReader(manifest.open()):
+        if row["split"] == split:
+            patients[row["patient"]].append((manifest.parent / row["file"], int(row["x"]), int(row["y"]),
+                                             int(row["label"])))
+    if not patients:
+        raise SystemExit(f"error: no patients of split {split!r} in {manifest}")
+    return dict(sorted(patients.items())[:limit])
+
+
+def rebuild(patches: list[tuple[Path, int, int, int]], path: Path, quality: int, slides) -> Path:
+    from idc.core.preprocessing import decode_image
+
+    size = (max(x for _, x, _, _ in patches) + PATCH + MARGIN, max(y for _, _, y, _ in patches) + PATCH + MARGIN)
+    canvas = slides.paste([(decode_image(p), x, y) for p, x, y, _ in patches], size)
+    return slides.write_slide(path, canvas, 4.0, levels=2, jpeg_quality=quality)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "confs.json"), help="the configuration (default: the checkout's confs.json)")
+    p.add_argument("--split", default="validation", help="the manifest's split whose patients are rebuilt (default: %(default)s)")
+    p.add_argument("--patients", type=int, help="only the first N patients of the split (default: all)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the slides' tiles (default: %(default)s)")
+    p.add_argument("--precision", type=str.upper, choices=["FP32", "FP16", "INT8", "KERAS"],
+                   help="engine (default: OpenVINO.precision, auto: INT8 on a CPU)")
+    p.add_argument("--slides-dir", help="keep the rebuilt slides here (default: a temporary folder)")
+    args = p.parse_args()
+
+    from idc.core.config import load_config
+    from idc.edge.engine import load_classifier
+    from idc.slides.analysis import analyse_slide
+    from idc.slides.reader import SlideReader
+
+    slides = _load("test_slides_support", ROOT / "tests" / "slides.py")
+    measure = _load("slides_benchmark", ROOT / "benchmarks" / "slides.py")
+    config = load_config(args.config)
+    engine = load_classifier(config, args.precision.replace("KERAS", "keras") if args.precision else None)
+    bundle, threshold = engine.bundle, engine.threshold
+    patients = patients_of(config.model.manifest, args.split, args.patients)
+    print(f"engine: {engine.backend}; {len(patients)} {args.split} patients rebuilt as JPEG quality {args.quality} "
+          f"4:2:0 slides at 4 um/px; patch alone at threshold {threshold}")
+    pooled = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.slides_dir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        for patient, patches in patients.items():
+            path = rebuild(patches, folder / f"{patient}.tiff", args.quality, slides)
+            with SlideReader(path, bundle.microns_per_pixel, bundle.patch_pixels, origin=ORIGIN) as reader:
+                result = analyse_slide(reader, engine, config.Slides.min_tissue, config.Slides.batch_size)
+            y, p_tile, p_patch = measure.tiles_and_patches(result, patches, engine)
+            pooled.append((y, p_tile, p_patch))
+            found = measure.compare(y, p_tile, p_patch, threshold)
+            print(f"{patient}: {found['covered']} of {len(patches)} patches are tissue tiles; mean P(IDC) tile - "
+                  f"patch {found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); "
+                  f"{found['decisions_differ']} decisions differ")
+    y, p_tile, p_patch = (np.concatenate(parts) for parts in zip(*pooled))
+    found = measure.compare(y, p_tile, p_patch, threshold)
+    print(f"pooled: {found['covered']} tiles of {sum(map(len, patients.values()))} patches; mean P(IDC) tile - patch "
+          f"{found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); {found['decisions_differ']} "
+          f"decisions differ; balanced accuracy: tiles {found['balanced_accuracy_tiles']:.4f}, the same patches "
+          f"{found['balanced_accuracy_patches_same']:.4f}, gap "
+          f"{found['balanced_accuracy_patches_same'] - found['balanced_accuracy_tiles']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
