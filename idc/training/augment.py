@@ -8,12 +8,15 @@ saturation jittered, then a random flip/rotation. A stain view is named "stain<k
 are seeded by the image's content hash and k, so a view is the same image every time (and the
 bottleneck cache can hold it).
 
-Whole-slide scanners store their tiles as JPEG (quality 60-95, chroma often subsampled), while the
-dataset's patches are lossless PNGs, and a model that never saw JPEG artefacts reads them as less
-IDC (measured: P(IDC) fell by 0.15 on average at quality 90, 4:2:0, on validation patients). A
-JPEG view "jpeg<k>" is the patch compressed at a quality drawn from JPEG_QUALITY, with one of the
-chroma subsamplings, in a random flip/rotation, seeded like a stain view. With a JPEG view among
-the training views, the phases that train on decoded patches compress half of them the same way.
+Whole-slide scanners store their tiles as JPEG (quality 60-95, chroma subsampled 4:2:0 by Aperio,
+Hamamatsu and most others), while the dataset's patches are lossless PNGs, and a model that never saw
+JPEG artefacts reads them as less IDC (measured: P(IDC) fell by 0.15 on average at quality 90, 4:2:0,
+on validation patients). A JPEG view "jpeg<k>" is the patch compressed at a quality drawn from
+JPEG_QUALITY with 4:2:0 chroma, in a random flip/rotation, seeded like a stain view. In a slide a
+patch lies anywhere on the scanner's 16 px block grid, so it is compressed at a random block phase
+(padded by reflection on the top and left, cropped after), not always aligned to the grid. With a
+JPEG view among the training views, the phases that train on decoded patches compress half of them
+the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from idc.core.preprocessing import preprocess
 STAIN_VIEW = re.compile(r"stain([1-9][0-9]*)")
 JPEG_VIEW = re.compile(r"jpeg([1-9][0-9]*)")
 JPEG_QUALITY = (60, 95)  # what slide scanners write (Aperio's default is 70), inclusive
-JPEG_SUBSAMPLING = (0, 1, 2)  # Pillow's 4:4:4, 4:2:2, 4:2:0
+JPEG_SUBSAMPLING = (2,)  # drawn from: Pillow's 4:2:0, what Aperio, Hamamatsu and most scanners write
+JPEG_BLOCK = 16  # px: the largest JPEG block (a 4:2:0 MCU); the phase is drawn below it
 JPEG_SHARE = 0.5  # of the patches compressed, in the phases that train on decoded patches
 STAIN_KEYS = ("hed", "brightness", "contrast", "saturation")
 # rgb2hed returns optical density divided by ln(10^6); Tellez's bias is in optical density units.
@@ -70,12 +74,14 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: dict[str
 
 
 def jpeg_compressed(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The image after a JPEG round trip at a quality and chroma subsampling drawn from `rng`."""
+    """The image after a JPEG round trip at a quality, chroma subsampling and block phase drawn from `rng`."""
     quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
     subsampling = int(rng.choice(JPEG_SUBSAMPLING))
+    dy, dx = (int(v) for v in rng.integers(JPEG_BLOCK, size=2))
+    padded = np.pad(image, ((dy, 0), (dx, 0), (0, 0)), mode="reflect")
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG", quality=quality, subsampling=subsampling)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    Image.fromarray(padded).save(buffer, "JPEG", quality=quality, subsampling=subsampling)
+    return np.asarray(Image.open(buffer).convert("RGB"))[dy:, dx:]
 
 
 def random_dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -115,7 +121,8 @@ def view_batch(images: list[np.ndarray], digests: list[str], view: str, image_si
 def describe_view(view: str, strength: dict[str, float] | None, seed: int) -> str:
     """What makes a view's pixels: keys the bottleneck cache, so a changed strength recomputes."""
     if is_jpeg_view(view):
-        return f"{view}:quality={JPEG_QUALITY[0]}-{JPEG_QUALITY[1]}:subsampling={JPEG_SUBSAMPLING}:seed={seed}"
+        return (f"{view}:quality={JPEG_QUALITY[0]}-{JPEG_QUALITY[1]}:subsampling={JPEG_SUBSAMPLING}:"
+                f"phase<{JPEG_BLOCK}:seed={seed}")
     if not is_stain_view(view):
         return view
     return f"{view}:" + ",".join(f"{k}={strength[k]:g}" for k in STAIN_KEYS) + f":seed={seed}"

@@ -227,6 +227,15 @@ def test_a_jpeg_view_is_a_reproducible_jpeg_round_trip(patches):
     assert augment.describe_view("jpeg1", None, 42) != augment.describe_view("jpeg1", None, 7)  # keys the cache
 
 
+def test_a_jpeg_round_trip_lies_at_a_random_block_phase(patches, monkeypatch):
+    # a tile of a slide sits anywhere on the scanner's block grid: at one quality the round trips still differ
+    monkeypatch.setattr(augment, "JPEG_QUALITY", (90, 90))
+    draws = [augment.jpeg_compressed(patches[0], np.random.default_rng(seed)) for seed in range(8)]
+    assert all(d.shape == patches[0].shape for d in draws)
+    assert len({d.tobytes() for d in draws}) > 4
+    assert max(np.abs(d.astype(int) - patches[0]).mean() for d in draws) < 25  # the patch, not another image
+
+
 def test_jpeg_views_are_training_views_but_not_test_time_views(tmp_path):
     config = load_config(write_config(tmp_path, train_views=["identity", "hflip", "jpeg1"]))
     assert config.classifier.tta_views == ("identity", "hflip")
