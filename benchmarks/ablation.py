@@ -52,6 +52,8 @@ VARIANTS = {
     "tta": ("+ test-time averaging over the 4 views", BASE),
     "tta_jpeg": ("tta + a JPEG-compressed copy per patch (frozen features only: cheap enough for folds)",
                  {**BASE, "train_views": [*DIHEDRAL, "jpeg1"]}),
+    "tta_jpeg2": ("tta_jpeg with a second JPEG-compressed copy per patch (frozen features only)",
+                  {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "jpeg2"]}),
     "tta_slide": ("tta, each patient's patches stain-normalised with the statistics of all their tissue (per slide)",
                   {**BASE, "stain_normalization": "slide"}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
@@ -67,8 +69,8 @@ VARIANTS = {
                  {**BASE, **MILD_STAIN, "patch_cnn_epochs": 16, "stain_normalization": "reinhard"}),
     "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2)",
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
-    "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95; the patch CNN sees half its "
-             "patches compressed), as slide scanners store tiles: the default",
+    "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
+             "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
 }
 

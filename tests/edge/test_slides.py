@@ -63,6 +63,26 @@ def test_a_fine_scan_gives_the_same_tiles_as_one_at_the_models_scale(slides):
         assert np.abs(y.astype(int) - image).mean() < 1.0  # resampled from a pyramid level
 
 
+def test_a_scanners_jpeg_slide_gives_its_tiles_up_to_the_compression(slides):
+    """As scanners store slides (and ../shared's hold them): JPEG tiles, YCbCr with 4:2:0 chroma."""
+    size = (COLUMNS * PATCH, ROWS * PATCH)
+    path = write_slide(slides["folder"] / "jpeg.svs", paste(patches(), size), MODEL_MPP, levels=1, jpeg_quality=90)
+    with SlideReader(path, MODEL_MPP, PATCH) as reader, SlideReader(slides["coarse"], MODEL_MPP, PATCH) as lossless:
+        cells = IDC_CELLS + BENIGN_CELLS
+        jpeg = reader.read([reader.tile(c, r) for c, r in cells])
+        exact = lossless.read([lossless.tile(c, r) for c, r in cells])
+    import tifffile
+
+    page = tifffile.TiffFile(path).pages[0]
+    assert (page.compression, page.photometric, page.tags["YCbCrSubSampling"].value) == (7, 6, (2, 2))
+    images = [image for image, _, _ in patches()]
+    for index, (tile, same) in enumerate(zip(jpeg, exact)):
+        assert tile.shape == (PATCH, PATCH, 3) and np.array_equal(same, images[index])
+        difference = np.abs(tile.astype(int) - images[index]).mean()
+        another = np.abs(tile.astype(int) - images[index - 1]).mean()
+        assert 0 < difference < another  # lossy (noise-like synthetic patches compress worst), but its own patch
+
+
 def test_glass_is_never_classified_and_every_tissue_tile_is(slides, tiny_classifier):
     for name in ("coarse", "fine"):
         with SlideReader(slides[name], MODEL_MPP, PATCH) as reader:
