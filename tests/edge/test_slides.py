@@ -65,14 +65,14 @@ def test_a_fine_scan_gives_the_same_tiles_as_one_at_the_models_scale(slides):
 
 def test_a_scanners_jpeg_slide_gives_its_tiles_up_to_the_compression(slides):
     """As scanners store slides (and ../shared's hold them): JPEG tiles, YCbCr with 4:2:0 chroma."""
+    import tifffile
+
     size = (COLUMNS * PATCH, ROWS * PATCH)
     path = write_slide(slides["folder"] / "jpeg.svs", paste(patches(), size), MODEL_MPP, levels=1, jpeg_quality=90)
     with SlideReader(path, MODEL_MPP, PATCH) as reader, SlideReader(slides["coarse"], MODEL_MPP, PATCH) as lossless:
         cells = IDC_CELLS + BENIGN_CELLS
         jpeg = reader.read([reader.tile(c, r) for c, r in cells])
         exact = lossless.read([lossless.tile(c, r) for c, r in cells])
-    import tifffile
-
     page = tifffile.TiffFile(path).pages[0]
     assert (page.compression, page.photometric, page.tags["YCbCrSubSampling"].value) == (7, 6, (2, 2))
     images = [image for image, _, _ in patches()]
