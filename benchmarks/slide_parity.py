@@ -27,21 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from slides import compare, probabilities, tiles_and_patches  # benchmarks/slides.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = 50  # px a side of the dataset's patches
 MARGIN = 100  # glass right and below the last patch, as in the shared slides (x 3201 -> width 3301)
 ORIGIN = (1, 1)  # the dataset's patches start at x = 1, y = 1
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def patients_of(manifest: Path, split: str, limit: int | None) -> dict[str, list[tuple[Path, int, int, int]]]:
     """(patch file, x, y, label) of each patient of `split`, patients in name order, the first `limit`."""
+    if not manifest.exists():
+        raise SystemExit(f"error: no sorted split at {manifest}: run `python trainer.py sort` (or the main command) first")
     patients = defaultdict(list)
     for row in csv.DictReader(manifest.open()):
         if row["split"] == split:
@@ -76,8 +73,9 @@ def main() -> int:
     from idc.slides.analysis import analyse_slide
     from idc.slides.reader import SlideReader
 
-    slides = _load("test_slides_support", ROOT / "tests" / "slides.py")
-    measure = _load("slides_benchmark", ROOT / "benchmarks" / "slides.py")
+    spec = importlib.util.spec_from_file_location("test_slides", ROOT / "tests" / "slides.py")  # the slide writer
+    slides = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slides)
     config = load_config(args.config)
     engine = load_classifier(config, args.precision.replace("KERAS", "keras") if args.precision else None)
     bundle, threshold = engine.bundle, engine.threshold
@@ -92,14 +90,14 @@ def main() -> int:
             path = rebuild(patches, folder / f"{patient}.tiff", args.quality, slides)
             with SlideReader(path, bundle.microns_per_pixel, bundle.patch_pixels, origin=ORIGIN) as reader:
                 result = analyse_slide(reader, engine, config.Slides.min_tissue, config.Slides.batch_size)
-            y, p_tile, p_patch = measure.tiles_and_patches(result, patches, engine)
+            y, p_tile, p_patch = tiles_and_patches(result, patches, probabilities(engine, [p for p, *_ in patches]))
             pooled.append((y, p_tile, p_patch))
-            found = measure.compare(y, p_tile, p_patch, threshold)
+            found = compare(y, p_tile, p_patch, threshold)
             print(f"{patient}: {found['covered']} of {len(patches)} patches are tissue tiles; mean P(IDC) tile - "
                   f"patch {found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); "
                   f"{found['decisions_differ']} decisions differ")
     y, p_tile, p_patch = (np.concatenate(parts) for parts in zip(*pooled))
-    found = measure.compare(y, p_tile, p_patch, threshold)
+    found = compare(y, p_tile, p_patch, threshold)
     print(f"pooled: {found['covered']} tiles of {sum(map(len, patients.values()))} patches; mean P(IDC) tile - patch "
           f"{found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); {found['decisions_differ']} "
           f"decisions differ; balanced accuracy: tiles {found['balanced_accuracy_tiles']:.4f}, the same patches "

@@ -46,13 +46,13 @@ def probabilities(engine, paths: list[Path]) -> np.ndarray:
                            for i in range(0, len(paths), 64)])
 
 
-def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], engine) -> tuple[np.ndarray, ...]:
-    """Labels, the tiles' and the patch files' P(IDC) (patch alone) of the labelled patches that are
-    tissue tiles of the slide (the tile whose corner is the patch's)."""
+def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], p_patches: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Labels, the tiles' P(IDC) and the patch files' P(IDC) (`p_patches`, one per patch; patch alone)
+    of the labelled patches that are tissue tiles of the slide (the tile whose corner is the patch's)."""
     by_position = {(t.x, t.y): i for i, t in enumerate(result.tiles)}
-    covered = [(path, by_position[x, y], label) for path, x, y, label in patches if (x, y) in by_position]
-    return (np.array([label for *_, label in covered], dtype=int),
-            result.p_alone[[i for _, i, _ in covered]], probabilities(engine, [path for path, *_ in covered]))
+    covered = [(k, by_position[x, y]) for k, (_, x, y, _) in enumerate(patches) if (x, y) in by_position]
+    rows, tiles = [k for k, _ in covered], [i for _, i in covered]
+    return np.array([patches[k][3] for k in rows], dtype=int), result.p_alone[tiles], p_patches[rows]
 
 
 def compare(y: np.ndarray, p_tile: np.ndarray, p_patch: np.ndarray, threshold: float) -> dict:
@@ -70,8 +70,8 @@ def agreement(result, labels_csv: Path, patches: Path, engine, threshold: float)
     from idc.core import metrics
 
     labelled = labelled_patches(labels_csv, patches)
-    found = compare(*tiles_and_patches(result, labelled, engine), threshold)
-    p_every = probabilities(engine, [path for path, *_ in labelled])
+    p_every = probabilities(engine, [path for path, *_ in labelled])  # each patch file classified once
+    found = compare(*tiles_and_patches(result, labelled, p_every), threshold)
     found["labelled"] = len(labelled)
     found["balanced_accuracy_all_patches"] = metrics.classification_metrics(
         np.array([label for *_, label in labelled]), p_every, threshold)["balanced_accuracy"]
