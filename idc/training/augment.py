@@ -8,8 +8,8 @@ saturation jittered, then a random flip/rotation. A stain view is named "stain<k
 are seeded by the image's content hash and k, so a view is the same image every time (and the
 bottleneck cache can hold it).
 
-Whole-slide scanners store their tiles as JPEG (quality 60-95, chroma subsampled 4:2:0 by Aperio,
-Hamamatsu and most others), while the dataset's patches are lossless PNGs, and a model that never saw
+Whole-slide scanners store their tiles as JPEG (quality 60-95, chroma often subsampled: Aperio's
+.svs, like ../shared's slides, hold YCbCr 4:2:0), while the dataset's patches are lossless PNGs, and a model that never saw
 JPEG artefacts reads them as less IDC (measured: P(IDC) fell by 0.15 on average at quality 90, 4:2:0,
 on validation patients). A JPEG view "jpeg<k>" is the patch compressed at a quality drawn from
 JPEG_QUALITY with 4:2:0 chroma, in a random flip/rotation, seeded like a stain view. In a slide a
@@ -35,7 +35,7 @@ from idc.core.preprocessing import preprocess
 STAIN_VIEW = re.compile(r"stain([1-9][0-9]*)")
 JPEG_VIEW = re.compile(r"jpeg([1-9][0-9]*)")
 JPEG_QUALITY = (60, 95)  # what slide scanners write (Aperio's default is 70), inclusive
-JPEG_SUBSAMPLING = (2,)  # drawn from: Pillow's 4:2:0, what Aperio, Hamamatsu and most scanners write
+JPEG_SUBSAMPLING = (2,)  # drawn from: Pillow's 4:2:0, as Aperio's .svs (and ../shared's slides) hold
 JPEG_BLOCK = 16  # px: the largest JPEG block (a 4:2:0 MCU); the phase is drawn below it
 JPEG_SHARE = 0.5  # of the patches compressed, in the phases that train on decoded patches
 STAIN_KEYS = ("hed", "brightness", "contrast", "saturation")
