@@ -9,14 +9,14 @@ are seeded by the image's content hash and k, so a view is the same image every 
 bottleneck cache can hold it).
 
 Whole-slide scanners store their tiles as JPEG (quality 60-95, chroma often subsampled: Aperio's
-.svs, like ../shared's slides, hold YCbCr 4:2:0), while the dataset's patches are lossless PNGs, and a model that never saw
-JPEG artefacts reads them as less IDC (measured: P(IDC) fell by 0.15 on average at quality 90, 4:2:0,
-on validation patients). A JPEG view "jpeg<k>" is the patch compressed at a quality drawn from
-JPEG_QUALITY with 4:2:0 chroma, in a random flip/rotation, seeded like a stain view. In a slide a
-patch lies anywhere on the scanner's 16 px block grid, so it is compressed at a random block phase
-(padded by reflection on the top and left, cropped after), not always aligned to the grid. With a
-JPEG view among the training views, the phases that train on decoded patches compress half of them
-the same way.
+.svs, like ../shared's slides, hold YCbCr 4:2:0), while the dataset's patches are lossless PNGs, and
+a model that never saw JPEG artefacts reads them as less IDC (measured: P(IDC) fell by 0.15 on
+average at quality 90, 4:2:0, on validation patients). A JPEG view "jpeg<k>" is the patch compressed
+at a quality drawn from JPEG_QUALITY with 4:2:0 chroma, in a random flip/rotation, seeded like a
+stain view. In a slide a patch lies anywhere on the scanner's 16 px block grid, so it is compressed
+at a random block phase (padded by reflection on the top and left, cropped after), not always
+aligned to the grid. With a JPEG view among the training views, the phases that train on decoded
+patches compress half of them the same way.
 """
 
 from __future__ import annotations
