@@ -7,8 +7,9 @@ validation patients) the way those were made: each patient's patches pasted at t
 glass, written as a tiled JPEG TIFF at quality 90 with 4:2:0 chroma (what the shared .svs hold, as
 Aperio writes them) at the dataset's 4 um/px, then read through the slide path (tissue detection,
 the grid from (1, 1), the engine in batches) and compared with the engine on the same patch files:
-balanced accuracy of the tiles against that of the same patches at the bundle's threshold (patch
-alone), pooled over the patients and per patient, and how far P(IDC) moves.
+balanced accuracy of the tiles against that of the same patches at the bundle's threshold, pooled
+over the patients and per patient, and how far P(IDC) moves: patch alone, and with the bundle's
+slide context (on the slide's grid, and over the patches' positions as evaluate.py applies it).
 
   python benchmarks/slide_parity.py                       # validation patients, the served engine
   python benchmarks/slide_parity.py --precision KERAS     # the Keras model (evaluate.py's)
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slides import compare, probabilities, tiles_and_patches  # benchmarks/slides.py, beside this script
+from slides import compare, probabilities, tiles_and_patches, with_context  # benchmarks/slides.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = 50  # px a side of the dataset's patches
@@ -81,8 +82,10 @@ def main() -> int:
     bundle, threshold = engine.bundle, engine.threshold
     patients = patients_of(config.model.manifest, args.split, args.patients)
     print(f"engine: {engine.backend}; {len(patients)} {args.split} patients rebuilt as JPEG quality {args.quality} "
-          f"4:2:0 slides at 4 um/px; patch alone at threshold {threshold}")
-    pooled = []
+          f"4:2:0 slides at 4 um/px; patch alone at threshold {threshold}"
+          + (f", with slide context at {bundle.slide_context['threshold']}" if bundle.slide_context else ""))
+    rule = bundle.slide_context
+    pooled = {"alone": [], "context": []}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.slides_dir or scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,19 +93,29 @@ def main() -> int:
             path = rebuild(patches, folder / f"{patient}.tiff", args.quality, slides)
             with SlideReader(path, bundle.microns_per_pixel, bundle.patch_pixels, origin=ORIGIN) as reader:
                 result = analyse_slide(reader, engine, config.Slides.min_tissue, config.Slides.batch_size)
-            y, p_tile, p_patch = tiles_and_patches(result, patches, probabilities(engine, [p for p, *_ in patches]))
-            pooled.append((y, p_tile, p_patch))
-            found = compare(y, p_tile, p_patch, threshold)
+            p_patches = probabilities(engine, [p for p, *_ in patches])
+            pooled["alone"].append(tiles_and_patches(result, patches, p_patches))
+            if rule:
+                p_context = with_context(rule, [p for p, *_ in patches], p_patches)
+                pooled["context"].append(tiles_and_patches(result, patches, p_context, context=True))
+            found = compare(*pooled["alone"][-1], threshold)
             print(f"{patient}: {found['covered']} of {len(patches)} patches are tissue tiles; mean P(IDC) tile - "
                   f"patch {found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); "
-                  f"{found['decisions_differ']} decisions differ")
-    y, p_tile, p_patch = (np.concatenate(parts) for parts in zip(*pooled))
-    found = compare(y, p_tile, p_patch, threshold)
-    print(f"pooled: {found['covered']} tiles of {sum(map(len, patients.values()))} patches; mean P(IDC) tile - patch "
-          f"{found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); {found['decisions_differ']} "
-          f"decisions differ; balanced accuracy: tiles {found['balanced_accuracy_tiles']:.4f}, the same patches "
-          f"{found['balanced_accuracy_patches_same']:.4f}, gap "
-          f"{found['balanced_accuracy_patches_same'] - found['balanced_accuracy_tiles']:+.4f}")
+                  f"{found['decisions_differ']} decisions differ"
+                  + (f" ({compare(*pooled['context'][-1], rule['threshold'])['decisions_differ']} with context)"
+                     if rule else ""))
+    patches_in_all = sum(map(len, patients.values()))
+    for name, parts in pooled.items():
+        if not parts:
+            continue
+        y, p_tile, p_patch = (np.concatenate(part) for part in zip(*parts))
+        found = compare(y, p_tile, p_patch, threshold if name == "alone" else rule["threshold"])
+        print(f"pooled, {'patch alone' if name == 'alone' else 'with slide context'}: {found['covered']} tiles of "
+              f"{patches_in_all} patches; mean P(IDC) tile - patch {found['mean_p_difference']:+.4f} "
+              f"(|.| {found['mean_abs_p_difference']:.4f}); {found['decisions_differ']} decisions differ; balanced "
+              f"accuracy: tiles {found['balanced_accuracy_tiles']:.4f}, the same patches "
+              f"{found['balanced_accuracy_patches_same']:.4f}, gap "
+              f"{found['balanced_accuracy_patches_same'] - found['balanced_accuracy_tiles']:+.4f}")
     return 0
 
 

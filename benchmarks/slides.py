@@ -3,7 +3,9 @@
 one slide, as a ratio of the engine's own batch throughput measured in the same run on tiles
 already in memory, the peak resident memory, and the projected time of a typical resection slide.
 With --labels (the slide's CSV of true labels, as in ../shared/data/slides), also how the slide's
-tiles agree with the engine on the dataset's patches of that patient (--patches), patch alone.
+tiles agree with the engine on the dataset's patches of that patient (--patches): patch alone, and
+with the bundle's slide context (the slide's own grid against the patches' positions, as evaluate.py
+applies it).
 
   python benchmarks/slides.py                                  # ../shared/data/slides/mpp0.5/8867.svs
   python benchmarks/slides.py --slide scan.svs --precision FP16
@@ -46,13 +48,27 @@ def probabilities(engine, paths: list[Path]) -> np.ndarray:
                            for i in range(0, len(paths), 64)])
 
 
-def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], p_patches: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Labels, the tiles' P(IDC) and the patch files' P(IDC) (`p_patches`, one per patch; patch alone)
-    of the labelled patches that are tissue tiles of the slide (the tile whose corner is the patch's)."""
+def with_context(rule: dict, paths: list[Path], p_patches: np.ndarray) -> np.ndarray:
+    """The patch files' P(IDC) with the bundle's slide-context `rule` applied over them, as evaluate.py
+    applies it: each patch's neighbours are the patches beside it, positions from the dataset's file names."""
+    from idc.core.bundle import PATCH_NAME
+    from idc.core.context import apply_rule
+
+    names = [PATCH_NAME.match(Path(path).name) for path in paths]
+    return apply_rule(rule, [m["patient"] for m in names], [int(m["x"]) for m in names], [int(m["y"]) for m in names],
+                      p_patches)
+
+
+def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], p_patches: np.ndarray,
+                      context: bool = False) -> tuple[np.ndarray, ...]:
+    """Labels, the tiles' P(IDC) and the patch files' P(IDC) (`p_patches`, one per patch) of the labelled
+    patches that are tissue tiles of the slide (the tile whose corner is the patch's): patch alone, or
+    with `context` the slide's answer (the bundle's rule on its grid; `p_patches` then from with_context)."""
     by_position = {(t.x, t.y): i for i, t in enumerate(result.tiles)}
     covered = [(k, by_position[x, y]) for k, (_, x, y, _) in enumerate(patches) if (x, y) in by_position]
     rows, tiles = [k for k, _ in covered], [i for _, i in covered]
-    return np.array([patches[k][3] for k in rows], dtype=int), result.p_alone[tiles], p_patches[rows]
+    p_tiles = result.p_idc if context else result.p_alone
+    return np.array([patches[k][3] for k in rows], dtype=int), p_tiles[tiles], p_patches[rows]
 
 
 def compare(y: np.ndarray, p_tile: np.ndarray, p_patch: np.ndarray, threshold: float) -> dict:
@@ -65,17 +81,32 @@ def compare(y: np.ndarray, p_tile: np.ndarray, p_patch: np.ndarray, threshold: f
             "balanced_accuracy_patches_same": metrics.classification_metrics(y, p_patch, threshold)["balanced_accuracy"]}
 
 
-def agreement(result, labels_csv: Path, patches: Path, engine, threshold: float) -> dict:
-    """The slide's tiles at the labelled positions against the engine on the patient's patch files."""
+def agreement(result, labels_csv: Path, patches: Path, engine) -> dict:
+    """The slide's tiles at the labelled positions against the engine on the patient's patch files, patch
+    alone and (under "context", when the bundle has a rule) with the bundle's slide context."""
     from idc.core import metrics
 
     labelled = labelled_patches(labels_csv, patches)
+    labels = np.array([label for *_, label in labelled])
     p_every = probabilities(engine, [path for path, *_ in labelled])  # each patch file classified once
-    found = compare(*tiles_and_patches(result, labelled, p_every), threshold)
+    found = compare(*tiles_and_patches(result, labelled, p_every), result.threshold_alone)
     found["labelled"] = len(labelled)
     found["balanced_accuracy_all_patches"] = metrics.classification_metrics(
-        np.array([label for *_, label in labelled]), p_every, threshold)["balanced_accuracy"]
+        labels, p_every, result.threshold_alone)["balanced_accuracy"]
+    if result.context is not None:
+        p_context = with_context(engine.bundle.slide_context, [path for path, *_ in labelled], p_every)
+        found["context"] = compare(*tiles_and_patches(result, labelled, p_context, context=True), result.threshold)
+        found["context"]["balanced_accuracy_all_patches"] = metrics.classification_metrics(
+            labels, p_context, result.threshold)["balanced_accuracy"]
     return found
+
+
+def describe(found: dict) -> str:
+    """One agreement's figures, for a line of output."""
+    return (f"mean |P(IDC) tile - patch| {found['mean_abs_p_difference']:.4f} (mean {found['mean_p_difference']:+.4f}), "
+            f"{found['decisions_differ']} decisions differ; balanced accuracy: tiles "
+            f"{found['balanced_accuracy_tiles']:.4f}, the same patches {found['balanced_accuracy_patches_same']:.4f}, "
+            f"every patch {found['balanced_accuracy_all_patches']:.4f}")
 
 
 def main() -> int:
@@ -93,6 +124,7 @@ def main() -> int:
         print(f"error: no slide at {args.slide}", file=sys.stderr)
         return 2
     from idc.core.config import load_config
+    from idc.core.context import describe_rule
     from idc.edge.engine import load_classifier
     from idc.slides.analysis import analyse_slide, tissue_tiles
     from idc.slides.reader import SlideReader
@@ -139,13 +171,13 @@ def main() -> int:
     if args.labels:
         if not args.patches:
             p.error("--labels needs --patches")
-        found = agreement(result, Path(args.labels), Path(args.patches), engine, engine.threshold)
-        print("agreement with the engine on the patient's patches (patch alone, threshold "
-              f"{engine.threshold}): {found['covered']} of {found['labelled']} labelled patches are tissue tiles; "
-              f"mean |P(IDC) tile - patch| {found['mean_abs_p_difference']:.4f} (mean {found['mean_p_difference']:+.4f}), "
-              f"{found['decisions_differ']} decisions differ; balanced accuracy: tiles "
-              f"{found['balanced_accuracy_tiles']:.4f}, the same patches {found['balanced_accuracy_patches_same']:.4f}, "
-              f"every patch {found['balanced_accuracy_all_patches']:.4f}")
+        found = agreement(result, Path(args.labels), Path(args.patches), engine)
+        print(f"agreement with the engine on the patient's patches: {found['covered']} of {found['labelled']} "
+              f"labelled patches are tissue tiles")
+        print(f"  patch alone (threshold {result.threshold_alone}): {describe(found)}")
+        if "context" in found:
+            print(f"  with the bundle's slide context ({describe_rule(result.context)}, threshold "
+                  f"{result.threshold}): {describe(found['context'])}")
     return 0
 
 
