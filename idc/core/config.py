@@ -58,6 +58,7 @@ class ClassifierSettings:
     epochs: int = 150
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
+    jpeg_invariance: float = 0.0
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0
@@ -90,6 +91,7 @@ class ClassifierSettings:
         _require(self.batch_size > 0, "batch_size", "must be positive")
         _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
         _require(self.l2_regularization >= 0, "l2_regularization", "must not be negative")
+        _require(self.jpeg_invariance >= 0, "jpeg_invariance", "must not be negative (0: off)")
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
         _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")

@@ -73,11 +73,27 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator, strength: dict[str
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def jpeg_compressed(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The image after a JPEG round trip at a quality, chroma subsampling and block phase drawn from `rng`."""
+def _jpeg_draws(rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(quality, chroma subsampling, dy, dx of the block phase) of one JPEG round trip."""
     quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
     subsampling = int(rng.choice(JPEG_SUBSAMPLING))
     dy, dx = (int(v) for v in rng.integers(JPEG_BLOCK, size=2))
+    return quality, subsampling, dy, dx
+
+
+def _dihedral_draws(rng: np.random.Generator) -> tuple[bool, int]:
+    """(mirrored, quarter turns) of one flip/rotation."""
+    flip = bool(rng.random() < 0.5)
+    return flip, int(rng.integers(4))
+
+
+# The flip/rotation (mirrored, quarter turns) of each test-time view, as random_dihedral makes it.
+VIEW_DIHEDRAL = {(False, 0): "identity", (True, 0): "hflip", (True, 2): "vflip", (False, 1): "rot90"}
+
+
+def jpeg_compressed(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image after a JPEG round trip at a quality, chroma subsampling and block phase drawn from `rng`."""
+    quality, subsampling, dy, dx = _jpeg_draws(rng)
     padded = np.pad(image, ((dy, 0), (dx, 0), (0, 0)), mode="reflect")
     buffer = io.BytesIO()
     Image.fromarray(padded).save(buffer, "JPEG", quality=quality, subsampling=subsampling)
@@ -86,8 +102,17 @@ def jpeg_compressed(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def random_dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One of the 8 flips/rotations of an image, drawn from `rng`."""
-    flipped = image[:, ::-1] if rng.random() < 0.5 else image
-    return np.ascontiguousarray(np.rot90(flipped, int(rng.integers(4))))
+    flip, turns = _dihedral_draws(rng)
+    return np.ascontiguousarray(np.rot90(image[:, ::-1] if flip else image, turns))
+
+
+def jpeg_view_twin(digest: str, view: str, seed: int) -> str | None:
+    """The test-time view (identity, hflip, vflip or rot90) in whose flip/rotation JPEG view `view` holds
+    the image of `digest`, or None (the other 4 of the 8): pairs the JPEG copy with the same pixels
+    uncompressed. Replays view_batch's draws."""
+    rng = view_rng(digest, view, seed)
+    _jpeg_draws(rng)
+    return VIEW_DIHEDRAL.get(_dihedral_draws(rng))
 
 
 def augmented(image: np.ndarray, rng: np.random.Generator, strength: dict[str, float] | None,

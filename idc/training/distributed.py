@@ -202,7 +202,7 @@ def fit(model, train: Examples, validation: Examples | None, *, optimizer: Calla
             break
     callbacks.on_train_end()  # early stopping restores the best weights, then the backup marks the phase finished
     if trained is not model:
-        _copy_weights(trained, model)
+        copy_weights(trained, model)
     return backup.history, first
 
 
@@ -232,11 +232,11 @@ def _replica_of(model, chosen):
         return model
     with chosen.scope():
         copy = keras.models.clone_model(model)
-    _copy_weights(model, copy)
+    copy_weights(model, copy)
     return copy
 
 
-def _copy_weights(source, target) -> None:
+def copy_weights(source, target) -> None:
     target.set_weights(source.get_weights())
     # An adapted Normalization keeps its mean and variance as tensors derived from its weights: renew them.
     stack = list(target.layers)

@@ -20,6 +20,7 @@ from idc.core.cli import quiet_import
 quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-up noise out
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from idc.core.errors import WeightsError
 from idc.keras_model import (GlobalBatchDropout, GlobalBatchNormalization, MeanOverViews, MeanStdPooling,
@@ -131,17 +132,42 @@ def _hub_layer(handle: str):
         raise WeightsError(f"{path} is not a SavedModel with a serving_default signature: {err}") from None
 
 
-def build_head(feature_dim: int, train_features=None, l2: float = 0.0):
+@keras.saving.register_keras_serializable(package="idc")
+class ShiftPenalty(keras.regularizers.Regularizer):
+    """L2 weight decay plus `strength` x the mean square of the change in the IDC logit margin that given
+    feature shifts cause (`second_moment`: E[d d^T] of the standardised shifts d), for the 2-way softmax's
+    kernel: a stability penalty (Zheng et al. 2016) that a linear layer can take in closed form."""
+
+    def __init__(self, l2: float, strength: float, second_moment):
+        self.l2, self.strength = float(l2), float(strength)
+        self.second_moment = np.asarray(second_moment, dtype=np.float32)
+
+    def __call__(self, kernel):
+        margin = kernel[:, 1] - kernel[:, 0]  # the IDC logit margin's weights
+        shift = keras.ops.sum(margin * keras.ops.matmul(keras.ops.convert_to_tensor(self.second_moment), margin))
+        return self.l2 * keras.ops.sum(keras.ops.square(kernel)) + self.strength * shift
+
+    def get_config(self):  # for the copies a cluster's strategy makes; the exported head has plain L2
+        return {"l2": self.l2, "strength": self.strength, "second_moment": self.second_moment.tolist()}
+
+
+def build_head(feature_dim: int, train_features=None, l2: float = 0.0, shifts: np.ndarray | None = None,
+               invariance: float = 0.0):
     """The new final layer: standardised features -> 2-way softmax, with L2 weight decay.
 
     The standardisation is adapted on the training features and saved with the model, so the
     exported model needs no separate scaler. (On these features L2 generalised better to
-    held-out patients than dropout did.)"""
+    held-out patients than dropout did.) With `shifts` (N, feature_dim: how the features of a patch
+    move when it is JPEG-compressed) and `invariance` > 0, training also penalises how far those shifts
+    move the answer (ShiftPenalty); export the trained layer without it (`build_head` + copy_weights)."""
     inputs = keras.Input((feature_dim,), name="features")
     normalize = keras.layers.Normalization(name="standardize")
     if train_features is not None:
         normalize.adapt(train_features)
     regularizer = keras.regularizers.L2(l2) if l2 else None
+    if shifts is not None and invariance > 0:
+        standardised = shifts / np.sqrt(np.maximum(keras.ops.convert_to_numpy(normalize.variance), 1e-12)).reshape(1, -1)
+        regularizer = ShiftPenalty(l2, invariance, standardised.T @ standardised / len(standardised))
     outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=regularizer,
                                  name="idc_softmax")(normalize(inputs))
     return keras.Model(inputs, outputs, name="head")

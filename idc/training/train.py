@@ -59,14 +59,30 @@ def _run_id(config: Config, phase: str, *shape) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def jpeg_shifts(features: bottleneck.CachedFeatures, digests: list[str], views: list[str], seed: int) -> np.ndarray | None:
+    """How the features of each JPEG copy differ from those of the same patch uncompressed in the same
+    flip or rotation (about half the copies: the others lie in a flip/rotation no view holds); `features`
+    holds `views` one after the other, each over the patches of `digests`. None without a JPEG view."""
+    row = {view: k * len(digests) for k, view in enumerate(views)}
+    pairs = [(row[view] + i, row[twin] + i) for view in views if augment.is_jpeg_view(view)
+             for i, digest in enumerate(digests) if (twin := augment.jpeg_view_twin(digest, view, seed)) in row]
+    if not pairs:
+        return None
+    compressed, plain = (np.array(rows) for rows in zip(*pairs))
+    return features.read(compressed) - features.read(plain)
+
+
 def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.ndarray,
-               val_x: bottleneck.CachedFeatures | None = None, val_y: np.ndarray | None = None):
+               val_x: bottleneck.CachedFeatures | None = None, val_y: np.ndarray | None = None,
+               shifts: np.ndarray | None = None):
     """Fit the new softmax layer (with feature standardisation) on bottleneck features streamed from the
-    cache, under this process's strategy. Returns (head, history of the epochs run, epoch started from)."""
+    cache, under this process's strategy; with `jpeg_invariance` > 0 and `shifts` (jpeg_shifts), it is also
+    penalised for how far JPEG compression moves its answer. Returns (head, history of the epochs run, epoch
+    started from)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     # The standardisation is adapted on the training features a chunk at a time: they need not fit in memory.
-    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization)
+    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization, shifts, settings.jpeg_invariance)
     validation = distributed.Examples(val_y, lambda rows, epoch: val_x.read(rows)) \
         if val_x is not None and len(val_x) else None
     history, first_epoch = distributed.fit(
@@ -75,6 +91,10 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
         batch_size=settings.head_batch_size, class_weight=class_weights(train_y) if settings.class_weighting else None,
         seed=settings.random_seed, patience=settings.early_stopping_patience, model_dir=config.model, phase="head",
         run_id=_run_id(config, "head", len(train_y), train_x.dim))
+    if shifts is not None and settings.jpeg_invariance > 0:  # the penalty is for training: export plain L2
+        exported = build_head(train_x.dim, l2=settings.l2_regularization)
+        distributed.copy_weights(head, exported)
+        head = exported
     return head, history, first_epoch
 
 
@@ -230,8 +250,10 @@ def train(config: Config, trunk=None) -> dict:
         labels[split] = np.tile(np.array([p.label for p in patches], dtype=np.int64), len(views[split]))
     bottleneck_seconds = time.time() - started
 
+    shifts = jpeg_shifts(features["train"], digests["train"], views["train"], settings.random_seed) \
+        if settings.jpeg_invariance > 0 else None
     head, history, first_epoch = train_head(config, features["train"], labels["train"],
-                                            features["validation"], labels["validation"])
+                                            features["validation"], labels["validation"], shifts)
     classifier = build_classifier(trunk, head, normalizer=normalizer)
     fine_tune_history = None
     if settings.fine_tune_blocks > 0:

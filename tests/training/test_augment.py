@@ -297,3 +297,22 @@ def test_per_slide_normalisation_leaves_the_model_and_normalises_each_patients_p
         got = {row["file"]: float(row["p_idc"]) for row in csv.DictReader(f)}
     np.testing.assert_allclose([got[str(x.path)] for x in test], expected, atol=1e-5)
     assert result["patches"] == len(test)
+
+
+def test_a_jpeg_copy_is_paired_with_the_view_that_holds_it_uncompressed():
+    # the head's JPEG invariance compares each compressed copy with the same pixels, uncompressed
+    y, x = np.mgrid[:50, :50]  # smooth, and unlike any of its flips or rotations
+    image = np.stack([x * 5, y * 5, ((x - 12) ** 2 + (y - 30) ** 2 < 100) * 200], -1).astype(np.uint8)
+    views = ("identity", "hflip", "vflip", "rot90")
+    digests = [f"{i:040x}" for i in range(40)]
+    twins = [augment.jpeg_view_twin(digest, "jpeg1", 42) for digest in digests]
+    assert 10 <= twins.count(None) <= 30  # 4 of the 8 flips/rotations are views
+    for digest, twin in zip(digests, twins):
+        compressed = augment.view_batch([image], [digest], "jpeg1", 50, seed=42)[0]
+        distance = {view: np.abs(compressed - augment.view_batch([image], [digest], view, 50)[0]).mean()
+                    for view in views}
+        nearest = sorted(distance, key=distance.get)
+        if twin is not None:
+            assert nearest[0] == twin and distance[twin] < distance[nearest[1]] / 2
+        else:
+            assert distance[nearest[0]] > 0.05  # another flip/rotation: none of the views holds its pixels

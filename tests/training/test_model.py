@@ -58,3 +58,26 @@ def test_weights_identity_changes_with_the_file(tmp_path):
     copy.parent.mkdir()
     copy.write_bytes(b"22")
     assert describe_weights(str(copy)) == describe_weights(str(weights))
+
+
+def test_a_head_penalised_for_what_jpeg_moves_leans_on_what_it_does_not():
+    import keras
+
+    from idc.training.model import build_head
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    features = labels[:, None] + rng.normal(0, 1, (2000, 2))  # two features, equally telling
+    shifts = np.stack([np.zeros(500), rng.normal(0, 1, 500)], 1)  # compression moves the second alone
+
+    def margin(invariance: float) -> np.ndarray:
+        keras.utils.set_random_seed(0)
+        head = build_head(2, features, shifts=shifts, invariance=invariance)
+        head.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+        head.fit(features, labels, epochs=20, batch_size=200, verbose=0)
+        kernel = np.asarray(head.get_layer("idc_softmax").kernel)
+        return np.abs(kernel[:, 1] - kernel[:, 0])
+
+    plain, invariant = margin(0.0), margin(3.0)
+    assert plain[1] > 0.7 * plain[0]
+    assert invariant[1] < 0.3 * invariant[0]

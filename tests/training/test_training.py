@@ -252,3 +252,23 @@ def test_evaluation_reports_slide_context_beside_patch_alone(trained, tmp_path, 
     labels = np.array([int(r["label"]) for r in rows])
     assert result["slide_context"]["sensitivity"] == pytest.approx((q[labels == 1] >= 0.45).mean(), abs=1e-4)
     assert "With slide context (learned from each patch's own and its neighbours' P(IDC))" in capsys.readouterr().out
+
+
+def test_a_head_trained_for_jpeg_invariance_is_exported_as_a_plain_head(tmp_path):
+    import zipfile
+
+    from idc.keras_model import load_keras_model
+
+    make_dataset(tmp_path / "raw", patients=5, per_class=4)
+    kernels = {}
+    for invariance in (0.0, 10.0):
+        (tmp_path / str(invariance)).mkdir()
+        config = load_config(write_config(tmp_path / str(invariance), epochs=3, jpeg_invariance=invariance,
+                                          train_views=["identity", "hflip", "jpeg1"]))
+        data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
+        train(config, trunk=tiny_trunk())
+        saved = zipfile.ZipFile(config.model.keras_model).read("config.json").decode()
+        assert "ShiftPenalty" not in saved  # the penalty trains the layer; the model needs nothing new to load
+        model = load_keras_model(config.model.keras_model)
+        kernels[invariance] = np.asarray(model.get_layer("head").get_layer("idc_softmax").kernel)
+    assert not np.allclose(kernels[0.0], kernels[10.0], atol=1e-3)  # the penalty changed what was learned
