@@ -58,7 +58,7 @@ class ClassifierSettings:
     epochs: int = 150
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
-    jpeg_invariance: float = 0.0
+    jpeg_invariance: float = 0.3
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0
