@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
 # The settings every variant starts from: frozen features, flips and rotations, test-time averaging.
 BASE = {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0, "patch_cnn_epochs": 0,
-        "jpeg_invariance": 0.0}
+        "scan_invariance": 0.0}
 # Stain jitter strengths, named so that each row keeps the ones it was measured with.
 MILD_STAIN = {"stain_jitter": {"hed": 0.05, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1}}
 STRONG_STAIN = {"stain_jitter": {"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}}
@@ -56,12 +56,17 @@ VARIANTS = {
     "tta_jpeg2": ("tta_jpeg with a second JPEG-compressed copy per patch (frozen features only)",
                   {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "jpeg2"]}),
     "tta_jpeg_inv0.1": ("tta_jpeg, the head also penalised for how far JPEG compression moves its answer "
-                        "(jpeg_invariance 0.1; frozen features only)",
-                        {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "jpeg_invariance": 0.1}),
-    "tta_jpeg_inv0.3": ("tta_jpeg_inv0.1 at jpeg_invariance 0.3 (the default's)",
-                        {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "jpeg_invariance": 0.3}),
-    "tta_jpeg_inv1": ("tta_jpeg_inv0.1 at jpeg_invariance 1",
-                      {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "jpeg_invariance": 1.0}),
+                        "(scan_invariance 0.1; frozen features only)",
+                        {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 0.1}),
+    "tta_jpeg_inv0.3": ("tta_jpeg_inv0.1 at scan_invariance 0.3 (the default's)",
+                        {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 0.3}),
+    "tta_jpeg_inv1": ("tta_jpeg_inv0.1 at scan_invariance 1",
+                      {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 1.0}),
+    "tta_jpeg_blur": ("tta_jpeg + a blurred copy per patch (Gaussian, standard deviation 0.25-1 px; frozen features only)",
+                      {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "blur1"]}),
+    "tta_jpeg_blur_inv0.3": ("tta_jpeg_blur, the head penalised for how far the JPEG and blurred copies move its answer "
+                             "(scan_invariance 0.3)",
+                             {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "blur1"], "scan_invariance": 0.3}),
     "tta_slide": ("tta, each patient's patches stain-normalised with the statistics of all their tissue (per slide)",
                   {**BASE, "stain_normalization": "slide"}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",
@@ -80,10 +85,10 @@ VARIANTS = {
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
              "the patch CNN sees half its patches compressed), as slide scanners store tiles",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
-    "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (jpeg_invariance 0.3): "
+    "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (scan_invariance 0.3): "
                  "the default",
                  {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
-                  "jpeg_invariance": 0.3}),
+                  "scan_invariance": 0.3}),
 }
 
 

@@ -50,12 +50,18 @@ def patients_of(manifest: Path, split: str, limit: int | None) -> dict[str, list
     return dict(sorted(patients.items())[:limit])
 
 
-def rebuild(patches: list[tuple[Path, int, int, int]], path: Path, quality: int, slides) -> Path:
+def rebuild(patches: list[tuple[Path, int, int, int]], path: Path, quality: int, slides, scale: int) -> Path:
+    """The slide at 4 um/px (`scale` 1: level 0 and one halving), or as the shared 0.5 um/px slide was made
+    (`scale` 8: each patch enlarged 8 times, bicubic; levels reduced 4 times each)."""
+    from PIL import Image
+
     from idc.core.preprocessing import decode_image
 
     size = (max(x for _, x, _, _ in patches) + PATCH + MARGIN, max(y for _, _, y, _ in patches) + PATCH + MARGIN)
-    canvas = slides.paste([(decode_image(p), x, y) for p, x, y, _ in patches], size)
-    return slides.write_slide(path, canvas, 4.0, levels=2, jpeg_quality=quality)
+    canvas = slides.paste([(decode_image(p), x, y) for p, x, y, _ in patches], size, scale, Image.BICUBIC)
+    if scale == 1:
+        return slides.write_slide(path, canvas, 4.0, levels=2, jpeg_quality=quality)
+    return slides.write_slide(path, canvas, 4.0 / scale, levels=4, jpeg_quality=quality, downsample=4)
 
 
 def main() -> int:
@@ -63,10 +69,14 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "confs.json"), help="the configuration (default: the checkout's confs.json)")
     p.add_argument("--split", default="validation", help="the manifest's split whose patients are rebuilt (default: %(default)s)")
     p.add_argument("--patients", type=int, help="only the first N patients of the split (default: all)")
+    p.add_argument("--mpp", type=float, choices=[4.0, 0.5], default=4.0,
+                   help="the slides' scale: 4 um/px, or 0.5 (each patch enlarged 8 times, bicubic, as the shared "
+                        "0.5 um/px slide; large: use --patients) (default: %(default)s)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the slides' tiles (default: %(default)s)")
     p.add_argument("--precision", type=str.upper, choices=["FP32", "FP16", "INT8", "KERAS"],
                    help="engine (default: OpenVINO.precision, auto: INT8 on a CPU)")
-    p.add_argument("--slides-dir", help="keep the rebuilt slides here (default: a temporary folder)")
+    p.add_argument("--slides-dir", help="keep the rebuilt slides here, and read those already there (to compare models "
+                                        "on the same slides) (default: a temporary folder)")
     args = p.parse_args()
 
     from idc.core.config import load_config
@@ -81,8 +91,9 @@ def main() -> int:
     engine = load_classifier(config, args.precision.replace("KERAS", "keras") if args.precision else None)
     bundle, threshold = engine.bundle, engine.threshold
     patients = patients_of(config.model.manifest, args.split, args.patients)
+    scale = round(4.0 / args.mpp)
     print(f"engine: {engine.backend}; {len(patients)} {args.split} patients rebuilt as JPEG quality {args.quality} "
-          f"4:2:0 slides at 4 um/px; patch alone at threshold {threshold}"
+          f"4:2:0 slides at {args.mpp:g} um/px; patch alone at threshold {threshold}"
           + (f", with slide context at {bundle.slide_context['threshold']}" if bundle.slide_context else ""))
     rule = bundle.slide_context
     pooled = {"alone": [], "context": []}
@@ -90,14 +101,20 @@ def main() -> int:
         folder = Path(args.slides_dir or scratch)
         folder.mkdir(parents=True, exist_ok=True)
         for patient, patches in patients.items():
-            path = rebuild(patches, folder / f"{patient}.tiff", args.quality, slides)
-            with SlideReader(path, bundle.microns_per_pixel, bundle.patch_pixels, origin=ORIGIN) as reader:
+            path = folder / f"{patient}-{args.mpp:g}um-q{args.quality}.tiff"
+            if not (args.slides_dir and path.exists()):
+                rebuild(patches, path, args.quality, slides, scale)
+            origin = (ORIGIN[0] * scale, ORIGIN[1] * scale)
+            with SlideReader(path, bundle.microns_per_pixel, bundle.patch_pixels, origin=origin) as reader:
                 result = analyse_slide(reader, engine, config.Slides.min_tissue, config.Slides.batch_size)
+            if not args.slides_dir:
+                path.unlink()  # a 0.5 um/px slide of a large patient holds gigabytes of pixels
+            at_level_0 = [(p, x * scale, y * scale, label) for p, x, y, label in patches]
             p_patches = probabilities(engine, [p for p, *_ in patches])
-            pooled["alone"].append(tiles_and_patches(result, patches, p_patches))
+            pooled["alone"].append(tiles_and_patches(result, at_level_0, p_patches))
             if rule:
                 p_context = with_context(rule, [p for p, *_ in patches], p_patches)
-                pooled["context"].append(tiles_and_patches(result, patches, p_context, context=True))
+                pooled["context"].append(tiles_and_patches(result, at_level_0, p_context, context=True))
             found = compare(*pooled["alone"][-1], threshold)
             print(f"{patient}: {found['covered']} of {len(patches)} patches are tissue tiles; mean P(IDC) tile - "
                   f"patch {found['mean_p_difference']:+.4f} (|.| {found['mean_abs_p_difference']:.4f}); "

@@ -48,7 +48,7 @@ class ClassifierSettings:
     weights: str = "imagenet"
     feature_layers: list[str] = _fresh(["mixed0", "mixed1"])
     pooling: str = "mean+std"
-    train_views: list[str] = _fresh(["identity", "hflip", "vflip", "rot90", "jpeg1"])
+    train_views: list[str] = _fresh(["identity", "hflip", "vflip", "rot90", "jpeg1", "blur1"])
     stain_jitter: dict[str, float] = _fresh({"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2})
     stain_normalization: str = "none"
     test_time_augmentation: bool = True
@@ -58,7 +58,7 @@ class ClassifierSettings:
     epochs: int = 150
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
-    jpeg_invariance: float = 0.3
+    scan_invariance: float = 0.3
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0
@@ -91,7 +91,7 @@ class ClassifierSettings:
         _require(self.batch_size > 0, "batch_size", "must be positive")
         _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
         _require(self.l2_regularization >= 0, "l2_regularization", "must not be negative")
-        _require(self.jpeg_invariance >= 0, "jpeg_invariance", "must not be negative (0: off)")
+        _require(self.scan_invariance >= 0, "scan_invariance", "must not be negative (0: off)")
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
         _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")
@@ -109,10 +109,10 @@ class ClassifierSettings:
         _require(len(self.feature_layers) > 0, "feature_layers", "must name at least one layer")
         _require(self.pooling in ("mean", "mean+std"), "pooling", 'must be "mean" or "mean+std"')
         views = ("identity", "hflip", "vflip", "rot90")
-        drawn = [v for v in self.train_views if re.fullmatch(r"(stain|jpeg)[1-9][0-9]*", v)]
+        drawn = [v for v in self.train_views if re.fullmatch(r"(stain|jpeg|blur)[1-9][0-9]*", v)]
         _require(len(self.train_views) > 0 and set(self.train_views) <= set(views) | set(drawn), "train_views",
-                 f"must be a non-empty list of {list(views)}, stain views stain1, stain2, ... and JPEG views "
-                 "jpeg1, jpeg2, ...")
+                 f"must be a non-empty list of {list(views)}, stain views stain1, stain2, ..., JPEG views "
+                 "jpeg1, jpeg2, ... and blur views blur1, blur2, ...")
         _require(sorted(self.stain_jitter) == sorted(("hed", "brightness", "contrast", "saturation"))
                  and all(0 <= v < 1 for v in self.stain_jitter.values()), "stain_jitter",
                  'must give "hed", "brightness", "contrast" and "saturation", each a fraction in [0, 1)')
@@ -124,7 +124,7 @@ class ClassifierSettings:
     @property
     def tta_views(self) -> tuple[str, ...]:
         """The views test-time augmentation averages over: the flips/rotations trained on."""
-        return tuple(v for v in self.train_views if not v.startswith(("stain", "jpeg")))
+        return tuple(v for v in self.train_views if not v.startswith(("stain", "jpeg", "blur")))
 
 
 @dataclasses.dataclass(frozen=True)

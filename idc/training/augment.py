@@ -17,6 +17,13 @@ stain view. In a slide a patch lies anywhere on the scanner's 16 px block grid, 
 at a random block phase (padded by reflection on the top and left, cropped after), not always
 aligned to the grid. With a JPEG view among the training views, the phases that train on decoded
 patches compress half of them the same way.
+
+A slide's tile is also never quite as sharp as its patch: the scanner's focus varies, and the slide
+path resamples each tile from a pyramid level to the model's scale. A blur view "blur<k>" is the
+patch under a Gaussian blur of a standard deviation drawn from BLUR_SIGMA, in a random flip or
+rotation, seeded like a stain view. The head's scan invariance (`scan_invariance`) pairs each JPEG or
+blurred copy with the same pixels as they are (view_twin). With a blur view among the training
+views, the phases that train on decoded patches blur half of them the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from skimage.color import hed2rgb, rgb2hed
 
 from idc.keras_model import view_array
@@ -34,10 +41,13 @@ from idc.core.preprocessing import preprocess
 
 STAIN_VIEW = re.compile(r"stain([1-9][0-9]*)")
 JPEG_VIEW = re.compile(r"jpeg([1-9][0-9]*)")
+BLUR_VIEW = re.compile(r"blur([1-9][0-9]*)")
+BLUR_SIGMA = (0.25, 1.0)  # px of the patch: Gaussian blur's standard deviation, drawn from (inclusive)
 JPEG_QUALITY = (60, 95)  # what slide scanners write (Aperio's default is 70), inclusive
 JPEG_SUBSAMPLING = (2,)  # drawn from: Pillow's 4:2:0, as Aperio's .svs (and ../shared's slides) hold
 JPEG_BLOCK = 16  # px: the largest JPEG block (a 4:2:0 MCU); the phase is drawn below it
 JPEG_SHARE = 0.5  # of the patches compressed, in the phases that train on decoded patches
+BLUR_SHARE = 0.5  # of the patches blurred, likewise
 STAIN_KEYS = ("hed", "brightness", "contrast", "saturation")
 # rgb2hed returns optical density divided by ln(10^6); Tellez's bias is in optical density units.
 OD_UNIT = 1.0 / np.log(1e6)
@@ -49,6 +59,10 @@ def is_stain_view(view: str) -> bool:
 
 def is_jpeg_view(view: str) -> bool:
     return JPEG_VIEW.fullmatch(view) is not None
+
+
+def is_blur_view(view: str) -> bool:
+    return BLUR_VIEW.fullmatch(view) is not None
 
 
 def view_rng(digest: str, view: str, seed: int) -> np.random.Generator:
@@ -106,34 +120,48 @@ def random_dihedral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image[:, ::-1] if flip else image, turns))
 
 
-def jpeg_view_twin(digest: str, view: str, seed: int) -> str | None:
-    """The test-time view (identity, hflip, vflip or rot90) in whose flip/rotation JPEG view `view` holds
-    the image of `digest`, or None (the other 4 of the 8): pairs the JPEG copy with the same pixels
-    uncompressed. Replays view_batch's draws."""
+def _blur_draws(rng: np.random.Generator) -> float:
+    """The standard deviation (px) of one Gaussian blur."""
+    return float(rng.uniform(*BLUR_SIGMA))
+
+
+def blurred(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image under a Gaussian blur of a standard deviation drawn from BLUR_SIGMA (px)."""
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(_blur_draws(rng))))
+
+
+def view_twin(digest: str, view: str, seed: int) -> str | None:
+    """The test-time view (identity, hflip, vflip or rot90) in whose flip/rotation JPEG or blur view `view`
+    holds the image of `digest`, or None (the other 4 of the 8): pairs the compressed or blurred copy
+    with the same pixels as they are. Replays view_batch's draws."""
     rng = view_rng(digest, view, seed)
-    _jpeg_draws(rng)
+    (_jpeg_draws if is_jpeg_view(view) else _blur_draws)(rng)
     return VIEW_DIHEDRAL.get(_dihedral_draws(rng))
 
 
 def augmented(image: np.ndarray, rng: np.random.Generator, strength: dict[str, float] | None,
-              jpeg: bool = False) -> np.ndarray:
+              jpeg: bool = False, blur: bool = False) -> np.ndarray:
     """A patch re-stained (with `strength`; as it is without), JPEG-compressed JPEG_SHARE of the time
-    (with `jpeg`), and in a random flip or rotation."""
+    (with `jpeg`), blurred BLUR_SHARE of the time (with `blur`: after the compression, as the slide path
+    resamples the decoded tile), and in a random flip or rotation."""
     if strength:
         image = stain_jitter(image, rng, strength)
     if jpeg and rng.random() < JPEG_SHARE:
         image = jpeg_compressed(image, rng)
+    if blur and rng.random() < BLUR_SHARE:
+        image = blurred(image, rng)
     return random_dihedral(image, rng)
 
 
 def view_batch(images: list[np.ndarray], digests: list[str], view: str, image_size: int,
                strength: dict[str, float] | None = None, seed: int = 0) -> np.ndarray:
     """The model's input batch (N, S, S, 3) for one view of decoded RGB images."""
-    if is_jpeg_view(view):
+    if is_jpeg_view(view) or is_blur_view(view):
+        degrade = jpeg_compressed if is_jpeg_view(view) else blurred
         views = []
         for image, digest in zip(images, digests):
             rng = view_rng(digest, view, seed)
-            views.append(random_dihedral(jpeg_compressed(image, rng), rng))
+            views.append(random_dihedral(degrade(image, rng), rng))
         return preprocess(views, image_size)
     if not is_stain_view(view):
         return view_array(preprocess(images, image_size), view)
@@ -148,6 +176,8 @@ def describe_view(view: str, strength: dict[str, float] | None, seed: int) -> st
     if is_jpeg_view(view):
         return (f"{view}:quality={JPEG_QUALITY[0]}-{JPEG_QUALITY[1]}:subsampling={JPEG_SUBSAMPLING}:"
                 f"phase<{JPEG_BLOCK}:seed={seed}")
+    if is_blur_view(view):
+        return f"{view}:gaussian_sigma={BLUR_SIGMA[0]}-{BLUR_SIGMA[1]}:seed={seed}"
     if not is_stain_view(view):
         return view
     return f"{view}:" + ",".join(f"{k}={strength[k]:g}" for k in STAIN_KEYS) + f":seed={seed}"

@@ -59,13 +59,14 @@ def _run_id(config: Config, phase: str, *shape) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def jpeg_shifts(features: bottleneck.CachedFeatures, digests: list[str], views: list[str], seed: int) -> np.ndarray | None:
-    """How the features of each JPEG copy differ from those of the same patch uncompressed in the same
-    flip or rotation (about half the copies: the others lie in a flip/rotation no view holds); `features`
-    holds `views` one after the other, each over the patches of `digests`. None without a JPEG view."""
+def scan_shifts(features: bottleneck.CachedFeatures, digests: list[str], views: list[str], seed: int) -> np.ndarray | None:
+    """How the features of each JPEG-compressed or blurred copy differ from those of the same patch as it
+    is, in the same flip or rotation (about half the copies: the others lie in a flip/rotation no view
+    holds); `features` holds `views` one after the other, each over the patches of `digests`. None
+    without a JPEG or blur view."""
     row = {view: k * len(digests) for k, view in enumerate(views)}
-    pairs = [(row[view] + i, row[twin] + i) for view in views if augment.is_jpeg_view(view)
-             for i, digest in enumerate(digests) if (twin := augment.jpeg_view_twin(digest, view, seed)) in row]
+    pairs = [(row[view] + i, row[twin] + i) for view in views if augment.is_jpeg_view(view) or augment.is_blur_view(view)
+             for i, digest in enumerate(digests) if (twin := augment.view_twin(digest, view, seed)) in row]
     if not pairs:
         return None
     compressed, plain = (np.array(rows) for rows in zip(*pairs))
@@ -76,13 +77,13 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
                val_x: bottleneck.CachedFeatures | None = None, val_y: np.ndarray | None = None,
                shifts: np.ndarray | None = None):
     """Fit the new softmax layer (with feature standardisation) on bottleneck features streamed from the
-    cache, under this process's strategy; with `jpeg_invariance` > 0 and `shifts` (jpeg_shifts), it is also
-    penalised for how far JPEG compression moves its answer. Returns (head, history of the epochs run, epoch
+    cache, under this process's strategy; with `scan_invariance` > 0 and `shifts` (scan_shifts), it is also
+    penalised for how far a scan's JPEG compression and blur move its answer. Returns (head, history of the epochs run, epoch
     started from)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     # The standardisation is adapted on the training features a chunk at a time: they need not fit in memory.
-    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization, shifts, settings.jpeg_invariance)
+    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization, shifts, settings.scan_invariance)
     validation = distributed.Examples(val_y, lambda rows, epoch: val_x.read(rows)) \
         if val_x is not None and len(val_x) else None
     history, first_epoch = distributed.fit(
@@ -91,7 +92,7 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
         batch_size=settings.head_batch_size, class_weight=class_weights(train_y) if settings.class_weighting else None,
         seed=settings.random_seed, patience=settings.early_stopping_patience, model_dir=config.model, phase="head",
         run_id=_run_id(config, "head", len(train_y), train_x.dim))
-    if shifts is not None and settings.jpeg_invariance > 0:  # the penalty is for training: export plain L2
+    if shifts is not None and settings.scan_invariance > 0:  # the penalty is for training: export plain L2
         exported = build_head(train_x.dim, l2=settings.l2_regularization)
         distributed.copy_weights(head, exported)
         head = exported
@@ -99,15 +100,15 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
 
 
 def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool,
-                 stain_jitter: dict[str, float] | None = None, jpeg: bool = False):
+                 stain_jitter: dict[str, float] | None = None, jpeg: bool = False, blur: bool = False):
     """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
-    `augmented`, each patch in a random flip and 90-degree rotation, re-stained with `stain_jitter` and
-    (with `jpeg`) half of them JPEG-compressed, drawn from (seed, epoch, patch): the same batches on one
-    machine or on many, and after a resume."""
+    `augmented`, each patch in a random flip and 90-degree rotation, re-stained with `stain_jitter`,
+    (with `jpeg`) half of them JPEG-compressed and (with `blur`) half of them blurred, drawn from (seed,
+    epoch, patch): the same batches on one machine or on many, and after a resume."""
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
-            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter, jpeg)
+            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter, jpeg, blur)
                       for image, i in zip(images, rows)]
         return preprocess(images, image_size)
     return read
@@ -116,14 +117,15 @@ def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmente
 def image_examples(settings, train: list[data.Patch], validation: list[data.Patch],
                    stain: dict[str, float] | None):
     """(training, validation) examples for the phases that train on decoded patches: the training ones
-    augmented (a flip or rotation; re-stained with `stain`; JPEG-compressed when the training views hold a
-    JPEG view), the validation ones as they are (None if none)."""
+    augmented (a flip or rotation; re-stained with `stain`; JPEG-compressed and blurred when the training
+    views hold a JPEG or a blur view), the validation ones as they are (None if none)."""
     def labels(patches):
         return np.array([p.label for p in patches], dtype=np.int64)
 
     seed, size = settings.random_seed, settings.image_size
     jpeg = any(augment.is_jpeg_view(v) for v in settings.train_views)
-    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain, jpeg)),
+    blur = any(augment.is_blur_view(v) for v in settings.train_views)
+    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain, jpeg, blur)),
             distributed.Examples(labels(validation), image_reader(validation, size, seed, False)) if validation else None)
 
 
@@ -250,8 +252,8 @@ def train(config: Config, trunk=None) -> dict:
         labels[split] = np.tile(np.array([p.label for p in patches], dtype=np.int64), len(views[split]))
     bottleneck_seconds = time.time() - started
 
-    shifts = jpeg_shifts(features["train"], digests["train"], views["train"], settings.random_seed) \
-        if settings.jpeg_invariance > 0 else None
+    shifts = scan_shifts(features["train"], digests["train"], views["train"], settings.random_seed) \
+        if settings.scan_invariance > 0 else None
     head, history, first_epoch = train_head(config, features["train"], labels["train"],
                                             features["validation"], labels["validation"], shifts)
     classifier = build_classifier(trunk, head, normalizer=normalizer)

@@ -305,7 +305,7 @@ def test_a_jpeg_copy_is_paired_with_the_view_that_holds_it_uncompressed():
     image = np.stack([x * 5, y * 5, ((x - 12) ** 2 + (y - 30) ** 2 < 100) * 200], -1).astype(np.uint8)
     views = ("identity", "hflip", "vflip", "rot90")
     digests = [f"{i:040x}" for i in range(40)]
-    twins = [augment.jpeg_view_twin(digest, "jpeg1", 42) for digest in digests]
+    twins = [augment.view_twin(digest, "jpeg1", 42) for digest in digests]
     assert 10 <= twins.count(None) <= 30  # 4 of the 8 flips/rotations are views
     for digest, twin in zip(digests, twins):
         compressed = augment.view_batch([image], [digest], "jpeg1", 50, seed=42)[0]
@@ -316,3 +316,25 @@ def test_a_jpeg_copy_is_paired_with_the_view_that_holds_it_uncompressed():
             assert nearest[0] == twin and distance[twin] < distance[nearest[1]] / 2
         else:
             assert distance[nearest[0]] > 0.05  # another flip/rotation: none of the views holds its pixels
+
+
+def test_a_blur_view_is_a_reproducible_blur_paired_with_the_view_that_holds_it_sharp(patches):
+    digests = [f"{i:040x}" for i in range(len(patches))]
+    first = augment.view_batch(patches, digests, "blur1", 50, seed=42)
+    assert np.array_equal(first, augment.view_batch(patches, digests, "blur1", 50, seed=42))
+    assert not np.array_equal(first, augment.view_batch(patches, digests, "blur2", 50, seed=42))
+    assert augment.describe_view("blur1", None, 42) != augment.describe_view("blur1", None, 7)  # keys the cache
+    twins = [augment.view_twin(digest, "blur1", 42) for digest in digests]
+    assert any(twins)
+    for index, (digest, twin) in enumerate(zip(digests, twins)):
+        if twin is not None:  # the same pixels, blurred: smoother than the sharp view, and close to it
+            sharp = augment.view_batch([patches[index]], [digest], twin, 50)[0]
+            assert np.abs(np.diff(first[index], axis=0)).mean() < np.abs(np.diff(sharp, axis=0)).mean()
+            assert np.abs(first[index] - sharp).mean() < 0.2
+
+
+def test_image_phases_blur_half_the_patches_when_a_blur_view_is_trained(patches):
+    draws = [augment.augmented(patches[1], np.random.default_rng([1, 2, i]), None, blur=True) for i in range(40)]
+    dihedral = [np.rot90(f, k) for f in (patches[1], patches[1][:, ::-1]) for k in range(4)]
+    sharp = sum(any(np.array_equal(d, v) for v in dihedral) for d in draws)
+    assert 10 <= sharp <= 30  # about half kept sharp (the rest blurred)

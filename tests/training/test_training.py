@@ -254,7 +254,7 @@ def test_evaluation_reports_slide_context_beside_patch_alone(trained, tmp_path, 
     assert "With slide context (learned from each patch's own and its neighbours' P(IDC))" in capsys.readouterr().out
 
 
-def test_a_head_trained_for_jpeg_invariance_is_exported_as_a_plain_head(tmp_path):
+def test_a_head_trained_for_scan_invariance_is_exported_as_a_plain_head(tmp_path):
     import zipfile
 
     from idc.keras_model import load_keras_model
@@ -263,7 +263,7 @@ def test_a_head_trained_for_jpeg_invariance_is_exported_as_a_plain_head(tmp_path
     kernels = {}
     for invariance in (0.0, 10.0):
         (tmp_path / str(invariance)).mkdir()
-        config = load_config(write_config(tmp_path / str(invariance), epochs=3, jpeg_invariance=invariance,
+        config = load_config(write_config(tmp_path / str(invariance), epochs=3, scan_invariance=invariance,
                                           train_views=["identity", "hflip", "jpeg1"]))
         data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
         train(config, trunk=tiny_trunk())
