@@ -58,7 +58,7 @@ VARIANTS = {
     "tta_jpeg_inv0.1": ("tta_jpeg, the head also penalised for how far JPEG compression moves its answer "
                         "(scan_invariance 0.1; frozen features only)",
                         {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 0.1}),
-    "tta_jpeg_inv0.3": ("tta_jpeg_inv0.1 at scan_invariance 0.3 (the default's)",
+    "tta_jpeg_inv0.3": ("tta_jpeg_inv0.1 at scan_invariance 0.3",
                         {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 0.3}),
     "tta_jpeg_inv1": ("tta_jpeg_inv0.1 at scan_invariance 1",
                       {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 1.0}),
@@ -83,12 +83,15 @@ VARIANTS = {
     "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2)",
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
-             "the patch CNN sees half its patches compressed), as slide scanners store tiles",
+             "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
-    "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (scan_invariance 0.3): "
-                 "the default",
+    "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (scan_invariance 0.3)",
                  {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
                   "scan_invariance": 0.3}),
+    "jpeg_blur_inv": ("jpeg_inv with a blurred copy per patch too (the patch CNN blurs half its patches), "
+                      "penalised alike",
+                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1", "blur1"],
+                       "scan_invariance": 0.3}),
 }
 
 

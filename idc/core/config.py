@@ -48,7 +48,7 @@ class ClassifierSettings:
     weights: str = "imagenet"
     feature_layers: list[str] = _fresh(["mixed0", "mixed1"])
     pooling: str = "mean+std"
-    train_views: list[str] = _fresh(["identity", "hflip", "vflip", "rot90", "jpeg1", "blur1"])
+    train_views: list[str] = _fresh(["identity", "hflip", "vflip", "rot90", "jpeg1"])
     stain_jitter: dict[str, float] = _fresh({"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2})
     stain_normalization: str = "none"
     test_time_augmentation: bool = True
@@ -58,7 +58,7 @@ class ClassifierSettings:
     epochs: int = 150
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
-    scan_invariance: float = 0.3
+    scan_invariance: float = 0.0
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0
