@@ -69,8 +69,8 @@ def scan_shifts(features: bottleneck.CachedFeatures, digests: list[str], views: 
              for i, digest in enumerate(digests) if (twin := augment.view_twin(digest, view, seed)) in row]
     if not pairs:
         return None
-    compressed, plain = (np.array(rows) for rows in zip(*pairs))
-    return features.read(compressed) - features.read(plain)
+    degraded, plain = (np.array(rows) for rows in zip(*pairs))
+    return features.read(degraded) - features.read(plain)
 
 
 def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.ndarray,
@@ -78,8 +78,8 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
                shifts: np.ndarray | None = None):
     """Fit the new softmax layer (with feature standardisation) on bottleneck features streamed from the
     cache, under this process's strategy; with `scan_invariance` > 0 and `shifts` (scan_shifts), it is also
-    penalised for how far a scan's JPEG compression and blur move its answer. Returns (head, history of the epochs run, epoch
-    started from)."""
+    penalised for how far a scan's JPEG compression and blur move its answer. Returns (head, history of the
+    epochs run, epoch started from)."""
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     # The standardisation is adapted on the training features a chunk at a time: they need not fit in memory.
