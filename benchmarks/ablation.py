@@ -62,9 +62,7 @@ VARIANTS = {
                         {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 0.3}),
     "tta_jpeg_inv1": ("tta_jpeg_inv0.1 at scan_invariance 1",
                       {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "scan_invariance": 1.0}),
-    "tta_jpeg_blur": ("tta_jpeg + a blurred copy per patch (Gaussian, standard deviation 0.25-1 px; frozen features only)",
-                      {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "blur1"]}),
-    "tta_jpeg_blur_inv0.3": ("tta_jpeg_blur, the head penalised for how far the JPEG and blurred copies move its answer "
+    "tta_jpeg_blur_inv0.3": ("tta_jpeg + a blurred copy per patch (Gaussian, standard deviation 0.25-1 px), the head penalised for how far the JPEG and blurred copies move its answer "
                              "(scan_invariance 0.3)",
                              {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "blur1"], "scan_invariance": 0.3}),
     "tta_slide": ("tta, each patient's patches stain-normalised with the statistics of all their tissue (per slide)",

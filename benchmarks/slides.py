@@ -51,12 +51,11 @@ def probabilities(engine, paths: list[Path]) -> np.ndarray:
 def with_context(rule: dict, paths: list[Path], p_patches: np.ndarray) -> np.ndarray:
     """The patch files' P(IDC) with the bundle's slide-context `rule` applied over them, as evaluate.py
     applies it: each patch's neighbours are the patches beside it, positions from the dataset's file names."""
-    from idc.core.bundle import PATCH_NAME
+    from idc.core.bundle import parse_patch_name
     from idc.core.context import apply_rule
 
-    names = [PATCH_NAME.match(Path(path).name) for path in paths]
-    return apply_rule(rule, [m["patient"] for m in names], [int(m["x"]) for m in names], [int(m["y"]) for m in names],
-                      p_patches)
+    patches = [parse_patch_name(Path(path)) for path in paths]
+    return apply_rule(rule, [x.patient for x in patches], [x.x for x in patches], [x.y for x in patches], p_patches)
 
 
 def tiles_and_patches(result, patches: list[tuple[Path, int, int, int]], p_patches: np.ndarray,
