@@ -300,7 +300,7 @@ def test_per_slide_normalisation_leaves_the_model_and_normalises_each_patients_p
 
 
 def test_a_jpeg_copy_is_paired_with_the_view_that_holds_it_uncompressed():
-    # the head's JPEG invariance compares each compressed copy with the same pixels, uncompressed
+    # the head's scan invariance compares each compressed copy with the same pixels, uncompressed
     y, x = np.mgrid[:50, :50]  # smooth, and unlike any of its flips or rotations
     image = np.stack([x * 5, y * 5, ((x - 12) ** 2 + (y - 30) ** 2 < 100) * 200], -1).astype(np.uint8)
     views = ("identity", "hflip", "vflip", "rot90")
