@@ -65,6 +65,11 @@ VARIANTS = {
     "tta_jpeg_blur_inv0.3": ("tta_jpeg + a blurred copy per patch (Gaussian, standard deviation 0.25-1 px), the head penalised for how far the JPEG and blurred copies move its answer "
                              "(scan_invariance 0.3)",
                              {**BASE, "train_views": [*DIHEDRAL, "jpeg1", "blur1"], "scan_invariance": 0.3}),
+    "tta_jpeg_stain": ("tta_jpeg + 2 stain-jittered copies per patch (HED 0.1; brightness, contrast, saturation 0.2; "
+                       "frozen features only)",
+                       {**BASE, **STRONG_STAIN, "train_views": [*DIHEDRAL, "jpeg1", "stain1", "stain2"]}),
+    "tta_jpeg_mlp": ("tta_jpeg with a hidden layer in the head (256 ReLU units, dropout 0.3; frozen features only)",
+                     {**BASE, "train_views": [*DIHEDRAL, "jpeg1"], "head_hidden_units": 256}),
     "tta_slide": ("tta, each patient's patches stain-normalised with the statistics of all their tissue (per slide)",
                   {**BASE, "stain_normalization": "slide"}),
     "stain": ("+ 2 stain-jittered copies per patch (frozen features)",

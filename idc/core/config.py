@@ -59,6 +59,7 @@ class ClassifierSettings:
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
     scan_invariance: float = 0.0
+    head_hidden_units: int = 0
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0
@@ -92,6 +93,10 @@ class ClassifierSettings:
         _require(self.head_batch_size > 0, "head_batch_size", "must be positive")
         _require(self.l2_regularization >= 0, "l2_regularization", "must not be negative")
         _require(self.scan_invariance >= 0, "scan_invariance", "must not be negative (0: off)")
+        _require(isinstance(self.head_hidden_units, int) and self.head_hidden_units >= 0, "head_hidden_units",
+                 "must be 0 (a linear head) or a positive number of units")
+        _require(not (self.head_hidden_units and self.scan_invariance), "head_hidden_units/scan_invariance",
+                 "scan_invariance needs a linear head (head_hidden_units 0): its penalty is that layer's closed form")
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
         _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")

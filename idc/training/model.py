@@ -152,24 +152,30 @@ class ShiftPenalty(keras.regularizers.Regularizer):
 
 
 def build_head(feature_dim: int, train_features=None, l2: float = 0.0, shifts: np.ndarray | None = None,
-               invariance: float = 0.0):
-    """The new final layer: standardised features -> 2-way softmax, with L2 weight decay.
+               invariance: float = 0.0, hidden: int = 0, seed: int = 0):
+    """The new final layers: standardised features -> (with `hidden` > 0, a ReLU layer of that many units
+    and dropout ->) 2-way softmax, with L2 weight decay.
 
     The standardisation is adapted on the training features and saved with the model, so the
     exported model needs no separate scaler. (On these features L2 generalised better to
     held-out patients than dropout did.) With `shifts` (N, feature_dim: how the features of a patch
     move when it is JPEG-compressed or blurred) and `invariance` > 0, training also penalises how far those shifts
-    move the answer (ShiftPenalty); export the trained layer without it (`build_head` + copy_weights)."""
+    move the answer (ShiftPenalty: a linear head only); export the trained layer without it (`build_head` +
+    copy_weights)."""
     inputs = keras.Input((feature_dim,), name="features")
     normalize = keras.layers.Normalization(name="standardize")
     if train_features is not None:
         normalize.adapt(train_features)
     regularizer = keras.regularizers.L2(l2) if l2 else None
-    if shifts is not None and invariance > 0:
+    x = normalize(inputs)
+    if hidden:
+        x = keras.layers.Dense(hidden, activation="relu", kernel_regularizer=regularizer, name="hidden")(x)
+        # Dropout over the global batch, as in the patch CNN: a cluster trains the head one machine trains.
+        x = GlobalBatchDropout(0.3, seed=seed, name="hidden_dropout")(x)
+    elif shifts is not None and invariance > 0:
         standardised = shifts / np.sqrt(np.maximum(keras.ops.convert_to_numpy(normalize.variance), 1e-12)).reshape(1, -1)
         regularizer = ShiftPenalty(l2, invariance, standardised.T @ standardised / len(standardised))
-    outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=regularizer,
-                                 name="idc_softmax")(normalize(inputs))
+    outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=regularizer, name="idc_softmax")(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -83,7 +83,8 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
     settings = config.classifier
     keras.utils.set_random_seed(settings.random_seed)
     # The standardisation is adapted on the training features a chunk at a time: they need not fit in memory.
-    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization, shifts, settings.scan_invariance)
+    head = build_head(train_x.dim, train_x.chunks(), settings.l2_regularization, shifts, settings.scan_invariance,
+                      settings.head_hidden_units, settings.random_seed)
     validation = distributed.Examples(val_y, lambda rows, epoch: val_x.read(rows)) \
         if val_x is not None and len(val_x) else None
     history, first_epoch = distributed.fit(

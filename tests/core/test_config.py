@@ -142,6 +142,9 @@ def test_value_checks(tmp_path):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_epochs=-1)))
     with pytest.raises(ConfigError, match="'patch_cnn_learning_rate'.*positive"):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_learning_rate=0.0)))
+    with pytest.raises(ConfigError, match="scan_invariance needs a linear head"):
+        load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(head_hidden_units=64,
+                                                                                scan_invariance=0.3)))
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):

@@ -81,3 +81,27 @@ def test_a_head_penalised_for_what_jpeg_moves_leans_on_what_it_does_not():
     plain, invariant = margin(0.0), margin(3.0)
     assert plain[1] > 0.7 * plain[0]
     assert invariant[1] < 0.3 * invariant[0]
+
+
+def test_a_hidden_layer_lets_the_head_learn_what_a_linear_one_cannot():
+    """head_hidden_units: a label that is an interaction of two features (XOR-like) is beyond a softmax
+    layer and within reach of one hidden layer; at inference its dropout is off (the same answer twice)."""
+    import keras
+
+    from idc.training.model import build_head
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (4000, 2))
+    labels = (features[:, 0] * features[:, 1] > 0).astype(np.int64)
+
+    def accuracy(hidden: int):
+        keras.utils.set_random_seed(0)
+        head = build_head(2, features, hidden=hidden)
+        head.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+        head.fit(features, labels, epochs=30, batch_size=200, verbose=0)
+        first, second = head.predict(features, verbose=0), head.predict(features, verbose=0)
+        np.testing.assert_array_equal(first, second)
+        return float(np.mean(first.argmax(1) == labels))
+
+    assert accuracy(0) < 0.65
+    assert accuracy(32) > 0.9
