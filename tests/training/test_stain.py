@@ -62,6 +62,14 @@ def test_a_patient_stained_unlike_training_is_far_and_the_report_says_how_result
     assert distance["pale"] > 3 * max(distance["typical"], distance["near"]) and distance["unread"] is None
     assert summary["furthest"][0]["patient"] == "pale"
     assert summary["spearman_distance_vs_specificity"]["patients"] == 3  # too few for a rho
+    assert summary["spearman_haematoxylin_vs_specificity"]["patients"] == 3
+    many = [{"patient": f"p{i}", "patches": 10, "specificity": 1.0 - 0.1 * i, "sensitivity": 0.5 + 0.05 * i} for i in range(6)]
+    darker = stain.PatientStain()
+    for i in range(6):  # each patient's tissue a little more purple (haematoxylin) than the last
+        darker.add(f"p{i}", image(tuple(np.array(PINK) + (np.array(PURPLE) - PINK) * i / 5)))
+    ranked = stain.annotate(many, darker, ref)
+    assert ranked["spearman_haematoxylin_vs_specificity"]["rho"] == -1.0
+    assert "vs haematoxylin -1.000" in stain.summary_lines(ranked)[1]
     lines = stain.summary_lines(summary)
     assert lines[0].startswith("Staining (against 8 training patients") and "furthest: patient pale" in lines[-3]
     assert stain.plot(tmp_path, rows).stat().st_size > 0
