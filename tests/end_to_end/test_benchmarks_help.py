@@ -110,3 +110,53 @@ def test_the_context_benchmark_judges_each_rule_on_folds_it_was_not_chosen_on(tm
              if line.split() and line.split()[0] in ("patch_alone", "weighted", "learned")}
     assert means["weighted"] > means["patch_alone"] + 0.05 and means["learned"] > means["patch_alone"] + 0.05, done.stdout
     assert run_script("context.py", tmp_path / "nothing").returncode != 0
+
+
+def test_the_threshold_headroom_benchmark_finds_the_threshold_the_model_did_not_choose(tmp_path):
+    import csv
+    import json
+
+    rows = [(label, p) for label, p in [(0, 0.1), (0, 0.3), (0, 0.35), (1, 0.4), (1, 0.45), (1, 0.8)]]
+    with (tmp_path / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "patient", "x", "y", "label", "p_idc"])
+        writer.writerows([f"{k}.png", "a", 50 * k, 0, label, p] for k, (label, p) in enumerate(rows))
+    (tmp_path / "metrics.json").write_text(json.dumps({"threshold": 0.6, "slide_context": None}))
+    done = run_script("threshold_headroom.py", tmp_path)
+    assert done.returncode == 0, done.stderr
+    # at 0.6 one IDC patch of three is found (0.6667); at 0.36-0.40 every patch is right (1.0)
+    assert "balanced accuracy 0.6667 (F1 0.5000) at the chosen threshold 0.6; at most 1.0000" in done.stdout, done.stdout
+
+
+def test_the_stain_misses_benchmark_sees_specificity_fall_with_the_benign_tissues_haematoxylin(tmp_path):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    pink, purple = np.array((230, 150, 190)), np.array((120, 60, 160))
+    for fold in (1, 2):
+        folder = tmp_path / "tta_jpeg" / f"fold-{fold}" / "reports" / "validation"
+        folder.mkdir(parents=True)
+        predictions, patients = [], []
+        for k in range(4):  # each patient's benign tissue darker than the last, and more often called IDC
+            patient, share = f"{fold}{k}", (4 * (fold - 1) + k) / 7
+            for n in range(6):
+                label = int(n >= 4)
+                colour = pink + (purple - pink) * (share if label == 0 else 1.0)
+                rng = np.random.default_rng(n)
+                path = folder / f"{patient}_{n}.png"
+                Image.fromarray(np.clip(colour + rng.normal(0, 5, (50, 50, 3)), 0, 255).astype(np.uint8)).save(path)
+                predictions.append([path, patient, 50 * n, 0, label])
+            patients.append([patient, 1.0 - 0.5 * share, 0.8 + 0.1 * share, 0.01, 0.02, 0.7, 1.0])
+        with (folder / "predictions.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([["file", "patient", "x", "y", "label"], *predictions])
+        with (folder / "per_patient.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([["patient", "specificity", "sensitivity", "haematoxylin", "eosin", "brightness",
+                                      "stain_distance"], *patients])
+    done = run_script("stain_misses.py", tmp_path / "tta_jpeg")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("8 patients, out of fold (2 folds"), done.stdout
+    specificity = done.stdout.split("sensitivity against")[0]
+    assert re.search(r"benign haematoxylin\s+-1\.000", specificity), done.stdout
+    assert run_script("stain_misses.py", tmp_path / "nothing").returncode != 0
