@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIHEDRAL = ["identity", "hflip", "vflip", "rot90"]
 # The settings every variant starts from: frozen features, flips and rotations, test-time averaging.
 BASE = {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_blocks": 0, "patch_cnn_epochs": 0,
-        "scan_invariance": 0.0}
+        "scan_invariance": 0.0, "head_hidden_units": 0}
 # Stain jitter strengths, named so that each row keeps the ones it was measured with.
 MILD_STAIN = {"stain_jitter": {"hed": 0.05, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1}}
 STRONG_STAIN = {"stain_jitter": {"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}}
@@ -86,8 +86,11 @@ VARIANTS = {
     "strong_stain": ("patch_cnn, its stain jitter doubled (HED 0.1; brightness, contrast, saturation 0.2)",
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
-             "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default",
+             "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default until jpeg_mlp",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
+    "jpeg_mlp": ("jpeg, with a hidden layer in the head (256 ReLU units, dropout 0.3): the default",
+                 {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
+                  "head_hidden_units": 256}),
     "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (scan_invariance 0.3)",
                  {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
                   "scan_invariance": 0.3}),

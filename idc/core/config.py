@@ -59,7 +59,7 @@ class ClassifierSettings:
     learning_rate: float = 0.0001
     l2_regularization: float = 0.0005
     scan_invariance: float = 0.0
-    head_hidden_units: int = 0
+    head_hidden_units: int = 256
     early_stopping_patience: int = 15
     class_weighting: bool = True
     fine_tune_blocks: int = 0

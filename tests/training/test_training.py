@@ -264,7 +264,7 @@ def test_a_head_trained_for_scan_invariance_is_exported_as_a_plain_head(tmp_path
     for invariance in (0.0, 10.0):
         (tmp_path / str(invariance)).mkdir()
         config = load_config(write_config(tmp_path / str(invariance), epochs=3, scan_invariance=invariance,
-                                          train_views=["identity", "hflip", "jpeg1"]))
+                                          head_hidden_units=0, train_views=["identity", "hflip", "jpeg1"]))
         data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
         train(config, trunk=tiny_trunk())
         saved = zipfile.ZipFile(config.model.keras_model).read("config.json").decode()
