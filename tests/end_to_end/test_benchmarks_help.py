@@ -116,7 +116,7 @@ def test_the_threshold_headroom_benchmark_finds_the_threshold_the_model_did_not_
     import csv
     import json
 
-    rows = [(label, p) for label, p in [(0, 0.1), (0, 0.3), (0, 0.35), (1, 0.4), (1, 0.45), (1, 0.8)]]
+    rows = [(0, 0.1), (0, 0.3), (0, 0.35), (1, 0.4), (1, 0.45), (1, 0.8)]  # (label, P(IDC))
     with (tmp_path / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "patient", "x", "y", "label", "p_idc"])
