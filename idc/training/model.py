@@ -157,8 +157,8 @@ def build_head(feature_dim: int, train_features=None, l2: float = 0.0, shifts: n
     and dropout ->) 2-way softmax, with L2 weight decay.
 
     The standardisation is adapted on the training features and saved with the model, so the
-    exported model needs no separate scaler. (On these features L2 generalised better to
-    held-out patients than dropout did.) With `shifts` (N, feature_dim: how the features of a patch
+    exported model needs no separate scaler. (For the softmax layer alone, L2 generalised better to
+    held-out patients than dropout did; the hidden layer, chosen on patient folds, takes both.) With `shifts` (N, feature_dim: how the features of a patch
     move when it is JPEG-compressed or blurred) and `invariance` > 0, training also penalises how far those shifts
     move the answer (ShiftPenalty: a linear head only); export the trained layer without it (`build_head` +
     copy_weights)."""

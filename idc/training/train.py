@@ -76,8 +76,8 @@ def scan_shifts(features: bottleneck.CachedFeatures, digests: list[str], views: 
 def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.ndarray,
                val_x: bottleneck.CachedFeatures | None = None, val_y: np.ndarray | None = None,
                shifts: np.ndarray | None = None):
-    """Fit the new softmax layer (with feature standardisation) on bottleneck features streamed from the
-    cache, under this process's strategy; with `scan_invariance` > 0 and `shifts` (scan_shifts), it is also
+    """Fit the head (feature standardisation, the hidden layer if any, softmax) on bottleneck features
+    streamed from the cache, under this process's strategy; with `scan_invariance` > 0 and `shifts` (scan_shifts), it is also
     penalised for how far a scan's JPEG compression and blur move its answer. Returns (head, history of the
     epochs run, epoch started from)."""
     settings = config.classifier
