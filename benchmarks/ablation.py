@@ -27,6 +27,7 @@ collect makes the table. The folds share one bottleneck cache (its shard writes 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -146,7 +147,9 @@ def run_variant(name: str, changes: dict, source: Path, work: Path, config: dict
     return {"variant": name, **train_and_evaluate(folder, conf, ("validation", "test"))}
 
 
-FOLD_FIGURES = ("balanced_accuracy", "roc_auc", "f1_idc", "context_balanced_accuracy")
+METRICS_FIGURES = ("balanced_accuracy", "roc_auc", "f1_idc", "context_balanced_accuracy")
+PER_PATIENT_FIGURES = ("patient_sensitivity", "patient_specificity")
+FOLD_FIGURES = METRICS_FIGURES + PER_PATIENT_FIGURES
 
 
 def fold_configs(name: str, changes: dict, source: Path, work: Path, config: dict, k: int) -> list[Path]:
@@ -166,7 +169,21 @@ def fold_row(folder: Path, row: dict | None = None) -> dict:
         row = {"train_seconds": round(json.loads((folder / "training.json").read_text())["seconds"]), "peak_rss_gib": None,
                "validation": figures(json.loads(metrics_file.read_text()))}
     return {"fold": folder.name, "train_seconds": row["train_seconds"], "peak_rss_gib": row["peak_rss_gib"],
-            **{key: row["validation"][key] for key in ("patients", *FOLD_FIGURES)}}
+            **{key: row["validation"][key] for key in ("patients", *METRICS_FIGURES)}, **per_patient_means(folder)}
+
+
+def per_patient_means(folder: Path) -> dict:
+    """The mean over a fold's patients of each one's sensitivity and specificity (over the patients with
+    patches of that class), from its report's per_patient.csv. The pooled figures weigh a patient by
+    their patches: a rule that pulls each patient's patches towards that patient's majority class raises
+    them while every patient's own figures fall (docs/results.md, "A patient's mean features")."""
+    with (folder / "reports" / "validation" / "per_patient.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    means = {}
+    for field in ("sensitivity", "specificity"):
+        values = [float(r[field]) for r in rows if r[field]]
+        means[f"patient_{field}"] = statistics.fmean(values) if values else None
+    return means
 
 
 def summarise_folds(name: str, folds: list[dict]) -> dict:
@@ -193,14 +210,16 @@ def run_folds(name: str, changes: dict, source: Path, work: Path, config: dict, 
 
 def print_fold_table(rows: list[dict]) -> None:
     print(f"\n{'variant':<16} {'folds':>5} {'val bal.acc mean (sd)':>22} {'AUC mean (sd)':>16} "
-          f"{'+context mean (sd)':>19} {'train s':>7} {'peak GiB':>8}  what it adds")
+          f"{'+context mean (sd)':>19} {'per patient sens/spec':>21} {'train s':>7} {'peak GiB':>8}  what it adds")
     for r in rows:
         cells = []
         for key in ("balanced_accuracy", "roc_auc", "context_balanced_accuracy"):
             figure = r["summary"].get(key)
             cells.append(f"{figure['mean']:.4f} ({figure['sd']:.4f})" if figure else "-")
+        patient = "/".join(f"{r['summary'][key]['mean']:.4f}" if key in r["summary"] else "-"
+                           for key in PER_PATIENT_FIGURES)
         peak = "-" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
-        print(f"{r['variant']:<16} {len(r['folds']):>5} {cells[0]:>22} {cells[1]:>16} {cells[2]:>19} "
+        print(f"{r['variant']:<16} {len(r['folds']):>5} {cells[0]:>22} {cells[1]:>16} {cells[2]:>19} {patient:>21} "
               f"{r['train_seconds']:>7} {peak:>8}  {VARIANTS[r['variant']][0]}")
 
 

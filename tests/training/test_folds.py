@@ -119,8 +119,13 @@ def test_fold_jobs_are_prepared_run_one_a_task_and_collected(tiny_project, tmp_p
         (folder / "reports" / "validation" / "metrics.json").write_text(json.dumps({
             "balanced_accuracy": 0.8 + 0.01 * i, "f1_idc": 0.7, "roc_auc": 0.9, "patients": 2,
             "intervals_95": {"balanced_accuracy": [0.7, 0.9]}}))
+        # Two patients: one with IDC (sensitivity 0.5 + 0.1 i), one without (no sensitivity, specificity 0.9).
+        (folder / "reports" / "validation" / "per_patient.csv").write_text(
+            f"patient,sensitivity,specificity\na,{0.5 + 0.1 * i:.1f},0.7\nb,,0.9\n")
     done = subprocess.run([*ablation, "--fold-jobs", "collect"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     table = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("tta")}
-    assert table["tta"][1:4] == ["3", "0.8100", "(0.0100)"] and table["tta"][7] == "183"
+    assert table["tta"][1:4] == ["3", "0.8100", "(0.0100)"] and table["tta"][8] == "183"
+    # The mean over each fold's patients, then over the folds: the patient without IDC has no sensitivity.
+    assert table["tta"][7] == "0.6000/0.8000" and table["tta_slide"][7] == "0.9000/0.8000"
     assert table["tta_slide"][2] == "0.8400"
