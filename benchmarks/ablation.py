@@ -181,7 +181,7 @@ def per_patient_means(folder: Path) -> dict:
     """The mean over a fold's patients of each one's sensitivity and specificity (over the patients with
     patches of that class), from its report's per_patient.csv. The pooled figures weigh a patient by
     their patches: a rule that pulls each patient's patches towards that patient's majority class raises
-    them while every patient's own figures fall (docs/results.md, "A patient's mean features")."""
+    them while every patient's own figures fall (docs/results.md, "More for the head")."""
     with (folder / "reports" / "validation" / "per_patient.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     means = {}
