@@ -183,7 +183,8 @@ class Bundle:
     threshold_source: str = "confs.json"  # how training chose the threshold
     # {radius, weight, threshold}, or {kind: "learned", coefficients, threshold}: see idc.core.context; None: patch-alone
     slide_context: dict | None = None
-    patch_cnn: bool = False  # the answer is the mean of the transfer head's and a patch CNN's (model.build_patch_cnn)
+    patch_cnn: bool = False  # the answer mixes the transfer head's and a patch CNN's (model.build_patch_cnn)
+    patch_cnn_weight: float | None = None  # the patch CNN's share of it (bundles made before the weight: 0.5)
     # {method, target_mean, target_std}: "reinhard": the model's first layer normalises each image's stain
     # (keras_model.ReinhardNormalization); "slide": a slide's patches, classified together, are normalised
     # with the slide's statistics before the model (idc.slides.stain); None: neither

@@ -67,6 +67,8 @@ class ClassifierSettings:
     fine_tune_learning_rate: float = 0.0001
     patch_cnn_epochs: int = 16
     patch_cnn_learning_rate: float = 0.001
+    # The patch CNN's share of the model's answer (the head has the rest), chosen on patient folds.
+    patch_cnn_weight: float = 0.25
     InceptionThreshold: float = 0.54
     review_band: float = 0.1
     threshold_override: float | None = None
@@ -100,6 +102,8 @@ class ClassifierSettings:
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
         _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")
+        _require(0.0 < self.patch_cnn_weight <= 1.0, "patch_cnn_weight",
+                 "must be in (0, 1]: the patch CNN's share of the answer (patch_cnn_epochs 0 for none)")
         _require(
             0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
             and self.validation_fraction + self.test_fraction < 1,

@@ -5,8 +5,8 @@ The layers that feed the head are configurable because the lower blocks (mixed0.
 transfer better to 50x50 histology patches than the ImageNet-specific top (mixed10); pooling
 their mean AND standard deviation keeps the texture statistics that tell tissue apart.
 
-Beside it, a small patch CNN trained from scratch (build_patch_cnn); the exported model averages the
-two answers.
+Beside it, a small patch CNN trained from scratch (build_patch_cnn); the exported model mixes the
+two answers, the CNN's share `patch_cnn_weight`.
 """
 
 from __future__ import annotations
@@ -225,10 +225,12 @@ def with_normalizer(model, normalizer):
     return keras.Model(inputs, model(normalizer(inputs)), name=f"normalized_{model.name}")
 
 
-def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=None, normalizer=None):
+def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=None, normalizer=None,
+                     patch_cnn_weight: float = 0.5):
     """Trunk + head (and the patch CNN, if any) as one model: image in [-1, 1] -> [P(no IDC), P(IDC)].
 
-    With `patch_cnn`, the answer is the mean of the head's and the patch CNN's. With `tta_views`, it is
+    With `patch_cnn`, the answer is the weighted mean of the head's and the patch CNN's, the CNN's share
+    `patch_cnn_weight`. With `tta_views`, it is
     the mean over those views of the image (test-time augmentation): steadier on patches whose evidence
     sits at an edge, at a cost in speed; the views go through the networks as one stacked batch
     (StackedViews), which on a CPU is faster than one branch per view. With `normalizer`
@@ -240,7 +242,9 @@ def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=Non
         image = StackedViews(tta_views, name="tta_views")(image)
     answer = head(trunk(image))
     if patch_cnn is not None:
-        answer = keras.layers.Average(name="ensemble")([answer, patch_cnn(image)])
+        answer = keras.layers.Add(name="ensemble")([
+            keras.layers.Rescaling(1.0 - patch_cnn_weight, name="head_share")(answer),
+            keras.layers.Rescaling(patch_cnn_weight, name="patch_cnn_share")(patch_cnn(image))])
     if len(tta_views) > 1:
         answer = MeanOverViews(len(tta_views), name="tta_mean")(answer)
     return keras.Model(inputs, answer, name="DevCloudIDC")

@@ -270,7 +270,7 @@ def train(config: Config, trunk=None) -> dict:
         model.history("patch_cnn").unlink(missing_ok=True)
     if settings.test_time_augmentation or patch_cnn is not None:
         classifier = build_classifier(trunk, head, settings.tta_views if settings.test_time_augmentation else (),
-                                      patch_cnn, normalizer)
+                                      patch_cnn, normalizer, settings.patch_cnn_weight)
 
     rule, validation_report = {"threshold": settings.InceptionThreshold, "review_band": settings.review_band,
                                "slide_context": None, "threshold_source": "confs.json"}, None
@@ -288,6 +288,7 @@ def train(config: Config, trunk=None) -> dict:
             feature_layers=list(settings.feature_layers), pooling=settings.pooling,
             train_views=list(settings.train_views), test_time_augmentation=settings.test_time_augmentation,
             patch_cnn=patch_cnn is not None,
+            patch_cnn_weight=settings.patch_cnn_weight if patch_cnn is not None else None,
             stain_normalization=stain_normalization(settings.stain_normalization, normalizer, target),
             microns_per_pixel=settings.microns_per_pixel, patch_pixels=GRID,
             weights=weights_id, data_fingerprint=model.fingerprint(), **rule)

@@ -142,6 +142,9 @@ def test_value_checks(tmp_path):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_epochs=-1)))
     with pytest.raises(ConfigError, match="'patch_cnn_learning_rate'.*positive"):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_learning_rate=0.0)))
+    for weight in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="'patch_cnn_weight'.*share of the answer"):
+            load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_weight=weight)))
     with pytest.raises(ConfigError, match="scan_invariance needs a linear head"):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(head_hidden_units=64,
                                                                                 scan_invariance=0.3)))

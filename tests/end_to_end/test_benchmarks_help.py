@@ -112,6 +112,44 @@ def test_the_context_benchmark_judges_each_rule_on_folds_it_was_not_chosen_on(tm
     assert run_script("context.py", tmp_path / "nothing").returncode != 0
 
 
+def test_the_ensemble_weight_benchmark_recovers_the_patch_cnn_and_finds_the_mix_beats_either_part(tmp_path):
+    import csv
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def noisy(label):  # P(IDC) with noise of its own: two of them average into a better one
+        return np.clip(0.5 + (label - 0.5) * 0.3 + rng.normal(0, 0.25, label.shape), 0, 1).round(6)
+
+    columns = np.tile(np.arange(10), 10)
+    labels = (columns < 5).astype(int)
+    for fold in range(1, 4):
+        head_p, cnn_p = ({patient: noisy(labels) for patient in range(4)} for _ in range(2))
+        for variant, p, bundle in (("head", head_p, {"patch_cnn": False}),
+                                   ("model", {k: (head_p[k] + cnn_p[k]) / 2 for k in head_p}, {"patch_cnn": True}),
+                                   ("other_head", {k: 1 - v for k, v in head_p.items()}, {"patch_cnn": False})):
+            folder = tmp_path / variant / f"fold-{fold}"
+            (folder / "reports" / "validation").mkdir(parents=True)
+            (folder / "model.json").write_text(json.dumps(bundle))  # a bundle from before the share: 0.5
+            with (folder / "reports" / "validation" / "predictions.csv").open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["patient", "x", "y", "label", "p_idc"])
+                for patient in range(4):
+                    for i in range(100):
+                        writer.writerow([f"{fold}-{patient}", 50 * columns[i], 50 * (i // 10), labels[i],
+                                         round(float(p[patient][i]), 6)])
+    done = run_script("ensemble_weight.py", tmp_path / "model", tmp_path / "head", "--weights", "0", "0.5", "1")
+    assert done.returncode == 0, done.stderr
+    auc = {float(line.split()[0]): float(line.split()[1]) for line in done.stdout.splitlines()
+           if re.match(r"\s+[01]\.\d\d ", line)}
+    assert auc[0.5] > max(auc[0.0], auc[1.0]) + 0.02, done.stdout
+    assert "the share chosen on the other folds" in done.stdout
+    mismatched = run_script("ensemble_weight.py", tmp_path / "model", tmp_path / "other_head")
+    assert mismatched.returncode != 0 and "is not the one in" in mismatched.stderr
+
+
 def test_the_threshold_headroom_benchmark_finds_the_threshold_the_model_did_not_choose(tmp_path):
     import csv
     import json

@@ -97,7 +97,7 @@ def test_fine_tune_phase_runs_and_exports(tmp_path):
     assert (config.model_dir / "history_fine_tune.csv").exists() and config.model.keras_model.exists()
 
 
-def test_patch_cnn_is_trained_and_averaged_with_the_head(tmp_path):
+def test_patch_cnn_is_trained_and_weighted_with_the_head(tmp_path):
     from idc.core.bundle import Bundle
     from idc.keras_model import load_keras_model, view_array
     from idc.core.preprocessing import load_batch
@@ -107,12 +107,15 @@ def test_patch_cnn_is_trained_and_averaged_with_the_head(tmp_path):
     data.sort_dataset(tmp_path / "raw", config.model, validation_fraction=0.2, test_fraction=0.2, seed=0)
     record = train(config, trunk=tiny_trunk())
     assert len(record["patch_cnn_history"]["loss"]) == 3
-    assert (config.model_dir / "history_patch_cnn.csv").exists() and Bundle.load(config.model.root).patch_cnn
+    bundle = Bundle.load(config.model.root)
+    assert (config.model_dir / "history_patch_cnn.csv").exists() and bundle.patch_cnn
+    weight = config.classifier.patch_cnn_weight
+    assert bundle.patch_cnn_weight == weight == 0.25  # the default: the CNN's share of the answer
     model = load_keras_model(config.model.keras_model)
     head, trunk, cnn = model.get_layer("head"), model.get_layer("tiny_trunk"), model.get_layer("patch_cnn")
     batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
-    expected = np.mean([(np.asarray(head(trunk(view_array(batch, v)))) + np.asarray(cnn(view_array(batch, v)))) / 2
-                        for v in ("identity", "hflip")], 0)
+    expected = np.mean([(1 - weight) * np.asarray(head(trunk(view_array(batch, v))))
+                        + weight * np.asarray(cnn(view_array(batch, v))) for v in ("identity", "hflip")], 0)
     np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
     # the patch CNN alone learned the (colour-separable) synthetic classes
     test = config.model.read_manifest("test")
