@@ -95,7 +95,8 @@ VARIANTS = {
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
              "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default until jpeg_mlp",
              {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
-    "jpeg_mlp": ("jpeg, with a hidden layer in the head (256 ReLU units, dropout 0.3): the default until jpeg_mlp_cnn0.25",
+    "jpeg_mlp": ("jpeg, with a hidden layer in the head (256 ReLU units, dropout 0.3): the default until "
+                 "jpeg_mlp_cnn0.25",
                  {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
                   "head_hidden_units": 256}),
     "jpeg_mlp_cnn0.25": ("jpeg_mlp, the patch CNN a quarter of the answer instead of half (chosen out of fold: "

@@ -201,8 +201,9 @@ def test_training_with_stain_normalisation_puts_it_in_the_model_and_every_ir(tmp
     assert norm.target_mean == bundle.stain_normalization["target_mean"]
     batch = np.random.default_rng(1).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
     normalised = np.asarray(norm(batch))
-    expected = np.mean([(np.asarray(head(trunk(view_array(normalised, v)))) + np.asarray(cnn(view_array(normalised, v)))) / 2
-                        for v in ("identity", "hflip")], 0)
+    w = config.classifier.patch_cnn_weight
+    expected = np.mean([(1 - w) * np.asarray(head(trunk(view_array(normalised, v))))
+                        + w * np.asarray(cnn(view_array(normalised, v))) for v in ("identity", "hflip")], 0)
     np.testing.assert_allclose(np.asarray(model(batch)), expected, atol=1e-5)
     # the cached features are those of the normalised patches, under a key of their own
     np.testing.assert_allclose(np.asarray(feature_extractor(model)(batch)), np.asarray(trunk(normalised)), atol=1e-6)
