@@ -25,6 +25,8 @@ from context import choose, judge, pooled, read_fold  # benchmarks/context.py
 from idc.core import metrics
 from idc.core.context import apply_rule
 
+RULES = ("patch_alone", "weighted")
+
 
 def fold_folders(variant_dir: Path) -> list[Path]:
     return sorted(variant_dir.glob("fold-*"), key=lambda f: int(f.name.split("-")[1]))
@@ -72,18 +74,20 @@ def per_patient(data: dict, p: np.ndarray, threshold: float) -> tuple[list[float
 
 
 def out_of_fold(folds: list[dict]) -> dict:
-    """Patch-alone and weighted-context figures, each fold judged by a rule chosen on the others."""
-    result = {"auc": [], "patch_alone": [], "weighted": [], "sensitivity": [], "specificity": []}
+    """Patch-alone and weighted-context figures (pooled, and each patient's own sensitivity and
+    specificity), each fold judged by a rule chosen on the others."""
+    result = {"auc": [], **{f"{rule}{part}": [] for rule in RULES for part in ("", " sensitivity", " specificity")}}
     for i, held_out in enumerate(folds):
         others = pooled([f for j, f in enumerate(folds) if j != i])
         result["auc"].append(metrics.classification_metrics(held_out["labels"], held_out["p"], 0.5)["roc_auc"])
-        for rule in ("patch_alone", "weighted"):
-            result[rule].append(judge(rule, choose(rule, others), held_out)["balanced_accuracy"])
-        chosen = choose("weighted", others)
-        p = apply_rule(chosen, held_out["patients"], held_out["xs"], held_out["ys"], held_out["p"])
-        sensitivity, specificity = per_patient(held_out, p, chosen["threshold"])
-        result["sensitivity"] += sensitivity
-        result["specificity"] += specificity
+        for rule in RULES:
+            chosen = choose(rule, others)
+            result[rule].append(judge(rule, chosen, held_out)["balanced_accuracy"])
+            p = held_out["p"] if rule == "patch_alone" else \
+                apply_rule(chosen, held_out["patients"], held_out["xs"], held_out["ys"], held_out["p"])
+            sensitivity, specificity = per_patient(held_out, p, chosen["threshold"])
+            result[f"{rule} sensitivity"] += sensitivity
+            result[f"{rule} specificity"] += specificity
     return result
 
 
@@ -99,14 +103,14 @@ def main() -> None:
     folds = parts(args.model_dir, args.head_dir)
     print(f"{len(folds)} folds, {sum(len(h['labels']) for h, _ in folds)} patches "
           f"({args.model_dir} against {args.head_dir})")
-    print(f"\n{'CNN share':>9} {'AUC':>7} {'patch alone':>11} {'+ context':>9} {'per patient sens/spec':>21}  "
-          "+ context by fold")
-    results = {}
+    print(f"\n{'CNN share':>9} {'AUC':>7} {'patch alone':>11} {'per patient':>13} {'+ context':>9} {'per patient':>13}  "
+          "+ context by fold\n" + " " * 30 + f"{'sens/spec':>13}" + " " * 11 + f"{'sens/spec':>13}")
     for w in args.weights:
-        r = results[w] = out_of_fold(blend(folds, w))
-        print(f"{w:>9.2f} {statistics.fmean(r['auc']):>7.4f} {statistics.fmean(r['patch_alone']):>11.4f} "
-              f"{statistics.fmean(r['weighted']):>9.4f} "
-              f"{statistics.fmean(r['sensitivity']):>10.4f}/{statistics.fmean(r['specificity']):.4f}  "
+        r = out_of_fold(blend(folds, w))
+        mean = {key: statistics.fmean(values) for key, values in r.items()}
+        print(f"{w:>9.2f} {mean['auc']:>7.4f} {mean['patch_alone']:>11.4f} "
+              f"{mean['patch_alone sensitivity']:>6.4f}/{mean['patch_alone specificity']:.4f} {mean['weighted']:>9.4f} "
+              f"{mean['weighted sensitivity']:>6.4f}/{mean['weighted specificity']:.4f}  "
               + " ".join(f"{x:.4f}" for x in r["weighted"]))
     # The share chosen on the other folds (in-sample there, with its rule), judged on each fold.
     blends = {w: blend(folds, w) for w in args.weights}
