@@ -42,8 +42,11 @@ def trained_weight(folder: Path) -> float:
 
 def parts(model_dir: Path, head_dir: Path) -> list[tuple[dict, np.ndarray]]:
     """Each fold's data (the head's P(IDC) as "p") with the CNN's own P(IDC)."""
+    model_folders, head_folders = fold_folders(model_dir), fold_folders(head_dir)
+    if len(model_folders) != len(head_folders):
+        raise SystemExit(f"{model_dir} holds {len(model_folders)} folds, {head_dir} {len(head_folders)}: not the same folds")
     folds = []
-    for model_folder, head_folder in zip(fold_folders(model_dir), fold_folders(head_dir), strict=True):
+    for model_folder, head_folder in zip(model_folders, head_folders):
         model, head = read_fold(model_folder), read_fold(head_folder)
         if not all((model[k] == head[k]).all() for k in ("patients", "xs", "ys", "labels")):
             raise SystemExit(f"{model_folder} and {head_folder} hold different patches: not the same folds")
