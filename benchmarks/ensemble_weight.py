@@ -63,23 +63,12 @@ def blend(folds: list[tuple[dict, np.ndarray]], w: float) -> list[dict]:
     return [{**head, "p": (1 - w) * head["p"] + w * cnn} for head, cnn in folds]
 
 
-def per_patient(data: dict, p: np.ndarray, threshold: float) -> tuple[list[float], list[float]]:
-    """Each patient's own sensitivity (patients with IDC) and specificity (patients with benign patches)."""
-    sensitivity, specificity = [], []
-    for patient in np.unique(data["patients"]):
-        mine = data["patients"] == patient
-        labels, positive = data["labels"][mine], p[mine] >= threshold
-        if (labels == 1).any():
-            sensitivity.append(positive[labels == 1].mean())
-        if (labels == 0).any():
-            specificity.append(1 - positive[labels == 0].mean())
-    return sensitivity, specificity
-
-
 def out_of_fold(folds: list[dict]) -> dict:
     """Patch-alone and weighted-context figures (pooled, and each patient's own sensitivity and
-    specificity), each fold judged by a rule chosen on the others."""
-    result = {"auc": [], **{f"{rule}{part}": [] for rule in RULES for part in ("", " sensitivity", " specificity")}}
+    specificity), each fold judged by a rule chosen on the others; for the context rule also its
+    threshold and its figure on the folds it was chosen on (to choose the share on them)."""
+    result = {"auc": [], "weighted in-sample": [], "weighted threshold": [],
+              **{f"{rule}{part}": [] for rule in RULES for part in ("", " sensitivity", " specificity")}}
     for i, held_out in enumerate(folds):
         others = pooled([f for j, f in enumerate(folds) if j != i])
         result["auc"].append(metrics.classification_metrics(held_out["labels"], held_out["p"], 0.5)["roc_auc"])
@@ -88,9 +77,12 @@ def out_of_fold(folds: list[dict]) -> dict:
             result[rule].append(judge(rule, chosen, held_out)["balanced_accuracy"])
             p = held_out["p"] if rule == "patch_alone" else \
                 apply_rule(chosen, held_out["patients"], held_out["xs"], held_out["ys"], held_out["p"])
-            sensitivity, specificity = per_patient(held_out, p, chosen["threshold"])
-            result[f"{rule} sensitivity"] += sensitivity
-            result[f"{rule} specificity"] += specificity
+            for row in metrics.per_patient(held_out["patients"], held_out["labels"], p, chosen["threshold"]):
+                for part in ("sensitivity", "specificity"):
+                    if row[part] is not None:
+                        result[f"{rule} {part}"].append(row[part])
+        result["weighted in-sample"].append(judge("weighted", chosen, others)["balanced_accuracy"])
+        result["weighted threshold"].append(chosen["threshold"])
     return result
 
 
@@ -108,27 +100,21 @@ def main() -> None:
           f"({args.model_dir} against {args.head_dir})")
     print(f"\n{'CNN share':>9} {'AUC':>7} {'patch alone':>11} {'per patient':>13} {'+ context':>9} {'per patient':>13}  "
           "+ context by fold\n" + " " * 30 + f"{'sens/spec':>13}" + " " * 11 + f"{'sens/spec':>13}")
+    results = {}
     for w in args.weights:
-        r = out_of_fold(blend(folds, w))
+        r = results[w] = out_of_fold(blend(folds, w))
         mean = {key: statistics.fmean(values) for key, values in r.items()}
         print(f"{w:>9.2f} {mean['auc']:>7.4f} {mean['patch_alone']:>11.4f} "
               f"{mean['patch_alone sensitivity']:>6.4f}/{mean['patch_alone specificity']:.4f} {mean['weighted']:>9.4f} "
               f"{mean['weighted sensitivity']:>6.4f}/{mean['weighted specificity']:.4f}  "
               + " ".join(f"{x:.4f}" for x in r["weighted"]))
-    # The share chosen on the other folds (in-sample there, with its rule), judged on each fold.
-    blends = {w: blend(folds, w) for w in args.weights}
-    nested = []
-    for i in range(len(folds)):
-        def in_sample(w):
-            others = pooled([f for j, f in enumerate(blends[w]) if j != i])
-            chosen = choose("weighted", others)
-            return judge("weighted", chosen, others)["balanced_accuracy"], chosen
-        best = max(args.weights, key=lambda w: in_sample(w)[0])
-        nested.append((best, judge("weighted", in_sample(best)[1], blends[best][i])["balanced_accuracy"]))
-    print("\nthe share chosen on the other folds: " + ", ".join(f"fold {i + 1} {w:g} -> {ba:.4f}"
-                                                               for i, (w, ba) in enumerate(nested))
-          + f"; mean {statistics.fmean(ba for _, ba in nested):.4f}")
-
+    print("\ncontext thresholds chosen on the other folds: " + "; ".join(
+        f"{w:g}: " + " ".join(f"{t:g}" for t in r["weighted threshold"]) for w, r in results.items()))
+    # The share itself chosen on the other folds (the best there, with its rule), judged on each fold.
+    nested = [max(args.weights, key=lambda w: results[w]["weighted in-sample"][i]) for i in range(len(folds))]
+    print("the share chosen on the other folds: " + ", ".join(
+        f"fold {i + 1} {w:g} -> {results[w]['weighted'][i]:.4f}" for i, w in enumerate(nested))
+        + f"; mean {statistics.fmean(results[w]['weighted'][i] for i, w in enumerate(nested)):.4f}")
 
 if __name__ == "__main__":
     main()

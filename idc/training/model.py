@@ -22,6 +22,7 @@ quiet_import("tensorflow")  # before Keras imports it: keeps TensorFlow's start-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idc.core.config import ClassifierSettings
 from idc.core.errors import WeightsError
 from idc.keras_model import (GlobalBatchDropout, GlobalBatchNormalization, MeanOverViews, MeanStdPooling,
                              ReinhardNormalization, StackedViews)
@@ -226,7 +227,7 @@ def with_normalizer(model, normalizer):
 
 
 def build_classifier(trunk, head, tta_views: tuple[str, ...] = (), patch_cnn=None, normalizer=None,
-                     patch_cnn_weight: float = 0.5):
+                     patch_cnn_weight: float = ClassifierSettings.patch_cnn_weight):
     """Trunk + head (and the patch CNN, if any) as one model: image in [-1, 1] -> [P(no IDC), P(IDC)].
 
     With `patch_cnn`, the answer is the weighted mean of the head's and the patch CNN's, the CNN's share
