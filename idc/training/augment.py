@@ -139,11 +139,22 @@ def view_twin(digest: str, view: str, seed: int) -> str | None:
     return VIEW_DIHEDRAL.get(_dihedral_draws(rng))
 
 
+def shifted(image: np.ndarray, rng: np.random.Generator, shift: int) -> np.ndarray:
+    """The image moved by up to `shift` px along each axis (drawn from `rng`), the edge filled by reflection."""
+    dy, dx = (int(d) for d in rng.integers(-shift, shift + 1, size=2))
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((shift, shift), (shift, shift), (0, 0)), mode="reflect")
+    return padded[shift + dy:shift + dy + height, shift + dx:shift + dx + width]
+
+
 def augmented(image: np.ndarray, rng: np.random.Generator, strength: dict[str, float] | None,
-              jpeg: bool = False, blur: bool = False) -> np.ndarray:
-    """A patch re-stained (with `strength`; as it is without), JPEG-compressed JPEG_SHARE of the time
-    (with `jpeg`), blurred BLUR_SHARE of the time (with `blur`: after the compression, as the slide path
-    resamples the decoded tile), and in a random flip or rotation."""
+              jpeg: bool = False, blur: bool = False, shift: int = 0) -> np.ndarray:
+    """A patch moved by up to `shift` px (a patch's tissue could lie anywhere in it), re-stained (with
+    `strength`; as it is without), JPEG-compressed JPEG_SHARE of the time (with `jpeg`), blurred
+    BLUR_SHARE of the time (with `blur`: after the compression, as the slide path resamples the decoded
+    tile), and in a random flip or rotation."""
+    if shift:
+        image = shifted(image, rng, shift)
     if strength:
         image = stain_jitter(image, rng, strength)
     if jpeg and rng.random() < JPEG_SHARE:

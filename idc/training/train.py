@@ -101,15 +101,16 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
 
 
 def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool,
-                 stain_jitter: dict[str, float] | None = None, jpeg: bool = False, blur: bool = False):
+                 stain_jitter: dict[str, float] | None = None, jpeg: bool = False, blur: bool = False, shift: int = 0):
     """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
-    `augmented`, each patch in a random flip and 90-degree rotation, re-stained with `stain_jitter`,
+    `augmented`, each patch moved by up to `shift` px, in a random flip and 90-degree rotation, re-stained with `stain_jitter`,
     (with `jpeg`) half of them JPEG-compressed and (with `blur`) half of them blurred, drawn from (seed,
     epoch, patch): the same batches on one machine or on many, and after a resume."""
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
-            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter, jpeg, blur)
+            images = [augment.augmented(image, np.random.default_rng([seed, epoch, int(i)]), stain_jitter, jpeg, blur,
+                                        shift)
                       for image, i in zip(images, rows)]
         return preprocess(images, image_size)
     return read
@@ -118,15 +119,17 @@ def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmente
 def image_examples(settings, train: list[data.Patch], validation: list[data.Patch],
                    stain: dict[str, float] | None):
     """(training, validation) examples for the phases that train on decoded patches: the training ones
-    augmented (a flip or rotation; re-stained with `stain`; JPEG-compressed and blurred when the training
-    views hold a JPEG or a blur view), the validation ones as they are (None if none)."""
+    augmented (moved by up to `random_shift` px; a flip or rotation; re-stained with `stain`; JPEG-compressed
+    and blurred when the training views hold a JPEG or a blur view), the validation ones as they are (None
+    if none)."""
     def labels(patches):
         return np.array([p.label for p in patches], dtype=np.int64)
 
     seed, size = settings.random_seed, settings.image_size
     jpeg = any(augment.is_jpeg_view(v) for v in settings.train_views)
     blur = any(augment.is_blur_view(v) for v in settings.train_views)
-    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain, jpeg, blur)),
+    return (distributed.Examples(labels(train), image_reader(train, size, seed, True, stain, jpeg, blur,
+                                                                settings.random_shift)),
             distributed.Examples(labels(validation), image_reader(validation, size, seed, False)) if validation else None)
 
 

@@ -145,6 +145,11 @@ def test_value_checks(tmp_path):
     for weight in (0.0, 1.5):
         with pytest.raises(ConfigError, match="'patch_cnn_weight'.*share of the answer"):
             load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(patch_cnn_weight=weight)))
+    for shift in (-1, 25):
+        with pytest.raises(ConfigError, match="'random_shift'.*pixels in \\[0, 25\\)"):
+            load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(random_shift=shift)))
+    with pytest.raises(ConfigError, match="'random_shift'.*must be int"):
+        load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(random_shift=2.5)))
     with pytest.raises(ConfigError, match="scan_invariance needs a linear head"):
         load_config(write(tmp_path, lambda raw: raw["ClassifierSettings"].update(head_hidden_units=64,
                                                                                 scan_invariance=0.3)))
