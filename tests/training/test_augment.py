@@ -107,10 +107,9 @@ def test_training_with_stain_views_keeps_the_labels(tmp_path):
     assert evaluate(config, split="test", echo=lambda *a: None)["balanced_accuracy"] >= 0.9
 
 
-
-def test_fine_tuning_reads_each_patch_seeded_by_epoch_and_restained(tmp_path):
+def patch_files(tmp_path) -> list:
+    """Four patches of one patient as PNG files, labels alternating."""
     from idc.core.bundle import Patch
-    from idc.training.train import image_reader
 
     rng = np.random.default_rng(0)
     patches = []
@@ -118,6 +117,13 @@ def test_fine_tuning_reads_each_patch_seeded_by_epoch_and_restained(tmp_path):
         path = tmp_path / f"9_idx5_x{50 * i}_y0_class{i % 2}.png"
         patch_image(i % 2, rng).save(path)
         patches.append(Patch(path=path, patient="9", x=50 * i, y=0, label=i % 2))
+    return patches
+
+
+def test_fine_tuning_reads_each_patch_seeded_by_epoch_and_restained(tmp_path):
+    from idc.training.train import image_reader
+
+    patches = patch_files(tmp_path)
     plain = image_reader(patches, 75, seed=1, augmented=False)
     flipped = image_reader(patches, 75, seed=1, augmented=True)
     stained = image_reader(patches, 75, seed=1, augmented=True, stain_jitter=STRENGTH)
@@ -151,15 +157,9 @@ def test_a_shifted_patch_is_the_same_tissue_moved_with_its_edge_reflected():
 
 
 def test_the_patch_cnn_reads_shifted_patches_with_random_shift(tmp_path):
-    from idc.core.bundle import Patch
     from idc.training.train import image_examples
 
-    rng = np.random.default_rng(0)
-    patches = []
-    for i in range(4):
-        path = tmp_path / f"9_idx5_x{50 * i}_y0_class{i % 2}.png"
-        patch_image(i % 2, rng).save(path)
-        patches.append(Patch(path=path, patient="9", x=50 * i, y=0, label=i % 2))
+    patches = patch_files(tmp_path)
     config = load_config(write_config(tmp_path, image_size=75, train_views=["identity"]))
     rows = np.arange(4)
     unshifted, _ = image_examples(config.classifier, patches, patches, None)
