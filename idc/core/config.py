@@ -105,7 +105,8 @@ class ClassifierSettings:
         _require(self.epochs > 0, "epochs", "must be positive")
         _require(self.patch_cnn_epochs >= 0, "patch_cnn_epochs", "must be 0 (no patch CNN) or more")
         _require(self.patch_cnn_learning_rate > 0, "patch_cnn_learning_rate", "must be positive")
-        _require(0 <= self.random_shift < 25, "random_shift", "must be a number of pixels in [0, 25): under half the patch")
+        _require(0 <= self.random_shift < 25, "random_shift",
+                 "must be a number of pixels in [0, 25): under half the patch")
         _require(0.0 < self.patch_cnn_weight <= 1.0, "patch_cnn_weight",
                  "must be in (0, 1]: the patch CNN's share of the answer (patch_cnn_epochs 0 for none)")
         _require(

@@ -103,9 +103,10 @@ def train_head(config: Config, train_x: bottleneck.CachedFeatures, train_y: np.n
 def image_reader(patches: list[data.Patch], image_size: int, seed: int, augmented: bool,
                  stain_jitter: dict[str, float] | None = None, jpeg: bool = False, blur: bool = False, shift: int = 0):
     """read(rows, epoch) -> the preprocessed images of patches[rows], decoded as they are needed. With
-    `augmented`, each patch moved by up to `shift` px, in a random flip and 90-degree rotation, re-stained with `stain_jitter`,
-    (with `jpeg`) half of them JPEG-compressed and (with `blur`) half of them blurred, drawn from (seed,
-    epoch, patch): the same batches on one machine or on many, and after a resume."""
+    `augmented`, each patch moved by up to `shift` px, in a random flip and 90-degree rotation,
+    re-stained with `stain_jitter`, (with `jpeg`) half of them JPEG-compressed and (with `blur`) half of
+    them blurred, drawn from (seed, epoch, patch): the same batches on one machine or on many, and after a
+    resume."""
     def read(rows: np.ndarray, epoch: int) -> np.ndarray:
         images = [decode_image(patches[i].path) for i in rows]
         if augmented:
