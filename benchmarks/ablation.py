@@ -47,6 +47,10 @@ BASE = {"train_views": DIHEDRAL, "test_time_augmentation": True, "fine_tune_bloc
 # Stain jitter strengths, named so that each row keeps the ones it was measured with.
 MILD_STAIN = {"stain_jitter": {"hed": 0.05, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1}}
 STRONG_STAIN = {"stain_jitter": {"hed": 0.1, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}}
+# The `jpeg` row (the patch CNN with strong stain jitter, a JPEG view), which the rows after it build on, and
+# the default model (`jpeg_mlp_cnn0.25`).
+JPEG = {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}
+DEFAULT = {**JPEG, "head_hidden_units": 256, "patch_cnn_weight": 0.25}
 # name -> (what it adds, ClassifierSettings changes); each builds on the one before it
 VARIANTS = {
     "head": ("new softmax layer on frozen mixed0+mixed1 features, one view",
@@ -94,25 +98,20 @@ VARIANTS = {
                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16}),
     "jpeg": ("strong_stain, with a JPEG-compressed copy per patch (quality 60-95, 4:2:0, at a random block phase; "
              "the patch CNN sees half its patches compressed), as slide scanners store tiles: the default until jpeg_mlp",
-             {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"]}),
+             JPEG),
     "jpeg_mlp": ("jpeg, with a hidden layer in the head (256 ReLU units, dropout 0.3): the default until "
                  "jpeg_mlp_cnn0.25",
-                 {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
-                  "head_hidden_units": 256}),
+                 {**JPEG, "head_hidden_units": 256}),
     "jpeg_mlp_cnn0.25": ("jpeg_mlp, the patch CNN a quarter of the answer instead of half (chosen out of fold: "
                          "benchmarks/ensemble_weight.py): the default",
-                         {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
-                          "head_hidden_units": 256, "patch_cnn_weight": 0.25}),
+                         DEFAULT),
     "shift4": ("jpeg_mlp_cnn0.25, the patch CNN's patches moved by up to 4 px (random_shift)",
-               {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
-                "head_hidden_units": 256, "patch_cnn_weight": 0.25, "random_shift": 4}),
+               {**DEFAULT, "random_shift": 4}),
     "jpeg_inv": ("jpeg, the head penalised for how far JPEG compression moves its answer (scan_invariance 0.3)",
-                 {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1"],
-                  "scan_invariance": 0.3}),
+                 {**JPEG, "scan_invariance": 0.3}),
     "jpeg_blur_inv": ("jpeg_inv with a blurred copy per patch too (the patch CNN blurs half its patches), "
                       "penalised alike",
-                      {**BASE, **STRONG_STAIN, "patch_cnn_epochs": 16, "train_views": [*DIHEDRAL, "jpeg1", "blur1"],
-                       "scan_invariance": 0.3}),
+                      {**JPEG, "train_views": [*DIHEDRAL, "jpeg1", "blur1"], "scan_invariance": 0.3}),
 }
 
 

@@ -39,6 +39,11 @@ def read_fold(folder: Path) -> dict:
     return {key: np.array([kind(r[name]) for r in rows]) for key, (name, kind) in columns.items()}
 
 
+def fold_folders(variant_dir: Path) -> list[Path]:
+    """An ablation variant's fold folders, in fold order."""
+    return sorted(variant_dir.glob("fold-*"), key=lambda f: int(f.name.split("-")[1]))
+
+
 def pooled(folds: list[dict]) -> dict:
     return {key: np.concatenate([f[key] for f in folds]) for key in folds[0]}
 
@@ -52,9 +57,13 @@ def choose(rule: str, data: dict) -> dict:
     return {"threshold": best_threshold(data["labels"], data["p"])[0]}
 
 
+def answer(rule: str, chosen: dict, data: dict) -> np.ndarray:
+    """Each patch's P(IDC) under the chosen rule (its own, patch alone)."""
+    return data["p"] if rule == "patch_alone" else apply_rule(chosen, data["patients"], data["xs"], data["ys"], data["p"])
+
+
 def judge(rule: str, chosen: dict, data: dict) -> dict:
-    p = data["p"] if rule == "patch_alone" else apply_rule(chosen, data["patients"], data["xs"], data["ys"], data["p"])
-    result = metrics.classification_metrics(data["labels"], p, chosen["threshold"])
+    result = metrics.classification_metrics(data["labels"], answer(rule, chosen, data), chosen["threshold"])
     return {key: result[key] for key in ("balanced_accuracy", "f1_idc", "sensitivity", "specificity")}
 
 
@@ -62,7 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variant_dir", type=Path, help="an ablation variant's folder holding fold-1 ... fold-K")
     args = p.parse_args()
-    folders = sorted(args.variant_dir.glob("fold-*"), key=lambda f: int(f.name.split("-")[1]))
+    folders = fold_folders(args.variant_dir)
     if len(folders) < 2:
         raise SystemExit(f"{args.variant_dir} holds {len(folders)} fold folders; it needs at least 2")
     folds = [read_fold(f) for f in folders]

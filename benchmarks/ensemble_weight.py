@@ -21,15 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from context import choose, judge, pooled, read_fold  # benchmarks/context.py
+from context import answer, choose, fold_folders, judge, pooled, read_fold  # benchmarks/context.py
 from idc.core import metrics
-from idc.core.context import apply_rule
 
 RULES = ("patch_alone", "weighted")
-
-
-def fold_folders(variant_dir: Path) -> list[Path]:
-    return sorted(variant_dir.glob("fold-*"), key=lambda f: int(f.name.split("-")[1]))
 
 
 def trained_weight(folder: Path) -> float:
@@ -74,15 +69,16 @@ def out_of_fold(folds: list[dict]) -> dict:
         result["auc"].append(metrics.classification_metrics(held_out["labels"], held_out["p"], 0.5)["roc_auc"])
         for rule in RULES:
             chosen = choose(rule, others)
-            result[rule].append(judge(rule, chosen, held_out)["balanced_accuracy"])
-            p = held_out["p"] if rule == "patch_alone" else \
-                apply_rule(chosen, held_out["patients"], held_out["xs"], held_out["ys"], held_out["p"])
+            p = answer(rule, chosen, held_out)
+            decided = metrics.classification_metrics(held_out["labels"], p, chosen["threshold"])
+            result[rule].append(decided["balanced_accuracy"])
             for row in metrics.per_patient(held_out["patients"], held_out["labels"], p, chosen["threshold"]):
                 for part in ("sensitivity", "specificity"):
                     if row[part] is not None:
                         result[f"{rule} {part}"].append(row[part])
-        result["weighted in-sample"].append(judge("weighted", chosen, others)["balanced_accuracy"])
-        result["weighted threshold"].append(chosen["threshold"])
+            if rule == "weighted":  # its figure and threshold where it was chosen: to choose the share on them
+                result["weighted in-sample"].append(judge(rule, chosen, others)["balanced_accuracy"])
+                result["weighted threshold"].append(chosen["threshold"])
     return result
 
 

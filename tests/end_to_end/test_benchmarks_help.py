@@ -198,3 +198,16 @@ def test_the_stain_misses_benchmark_sees_specificity_fall_with_the_benign_tissue
     specificity = done.stdout.split("sensitivity against")[0]
     assert re.search(r"benign haematoxylin\s+-1\.000", specificity), done.stdout
     assert run_script("stain_misses.py", tmp_path / "nothing").returncode != 0
+
+
+def test_the_ablation_row_called_the_default_is_what_confs_json_trains():
+    import json
+
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import ablation; "
+            "print(json.dumps([ablation.DEFAULT, ablation.VARIANTS['jpeg_mlp_cnn0.25'][0]]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    default, description = json.loads(done.stdout.splitlines()[-1])
+    shipped = json.loads((ROOT / "confs.json").read_text())["ClassifierSettings"]
+    assert description.endswith("the default")
+    assert {key: shipped[key] for key in default} == default
